@@ -26,6 +26,7 @@ class ExtractConfig:
     checkpoint: str | None = None
     img_size: int | None = None  # None: the teacher's default input size
     num_classes: int | None = None
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (recorded)
     layers: list[int] = field(default_factory=lambda: [0, 1, -1])
     data_format: str | None = None  # folder | wds; None: detect
     shots: int | None = None
@@ -70,6 +71,7 @@ class TrainConfig:
     student: str = "deit_tiny"
     pretrained: bool = False
     student_checkpoint: str | None = None
+    student_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     img_size: int | None = None  # None: the cache's image size
     num_classes: int | None = None  # None: the teacher's
     data: str | None = None  # source images; None: the root recorded in the cache
