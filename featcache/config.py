@@ -99,6 +99,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
     resume: bool = False
     log_every: int = 10
+    teacher: str | None = None  # expected teacher (alias/timm name); checked against the cache before step 0
+    cache_dtype: str | None = None  # expected storage dtype (fp32|fp16|bf16); checked before step 0
 
     def validate(self) -> None:
         if not self.cache:

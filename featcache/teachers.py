@@ -42,7 +42,7 @@ def resolve_name(name: str) -> str:
 
 
 def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None, img_size: int | None = None,
-               num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+               num_classes: int | None = None, init_seed: int = RANDOM_INIT_SEED, **kwargs: Any) -> nn.Module:
     """Create any timm model by alias or name.
 
     Args:
@@ -51,6 +51,7 @@ def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None
         checkpoint: a local ``.safetensors`` file or torch state dict, loaded with ``weights_only=True``.
         img_size: timm's ``img_size`` override (ViTs resample their position embedding).
         num_classes: classifier size override.
+        init_seed: seed of the random weight init (students pass the run's ``--seed``; teachers keep the default).
     """
     kwargs = {k: v for k, v in dict(kwargs, img_size=img_size, num_classes=num_classes).items() if v is not None}
     full = resolve_name(name)
@@ -61,7 +62,7 @@ def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None
     # A randomly initialised model (tests, `--no-pretrained`) must be the same model every time it is built,
     # or `verify` and `--online-teacher` would compare against a different teacher: seed its init locally.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
+        torch.manual_seed(init_seed)
         try:
             model = timm.create_model(full, pretrained=use_hub, **kwargs)
         except TypeError:  # img_size is a ViT-only argument

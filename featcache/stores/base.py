@@ -113,7 +113,12 @@ class Manifest(dict):
         return Manifest(copy.deepcopy(dict(self)))
 
     def identity(self) -> dict[str, Any]:
-        return {k: self.get(k) for k in IDENTITY_KEYS}
+        """The keys that define what is cached. The data root is left out: the file-list hash already pins the
+        images, and a dataset that moved (or is mounted elsewhere) is still the same dataset."""
+        ident = {k: copy.deepcopy(self.get(k)) for k in IDENTITY_KEYS}
+        if isinstance(ident.get("data"), dict):
+            ident["data"].pop("root", None)
+        return ident
 
 
 def diff_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -1,0 +1,195 @@
+"""Stage-2 datasets: cached views joined with their source images, and a held-out evaluation folder.
+
+Training items replay the exact input the teacher saw: the source image is decoded and the stored view
+parameters are applied again (`featcache.views.replay`); the cached targets of that row come along.
+
+View policy (how epochs draw from the K stored views of each sample; only *valid* views are used):
+    ``cycle``   view ``= valid[(epoch + offset(sample)) mod n_valid]`` with a per-sample offset drawn once from
+                ``(seed, sample)``: every view is used once per ``n_valid`` epochs and different samples see
+                different views in the same epoch.
+    ``random``  view drawn uniformly from ``default_rng([seed, epoch, sample])``: independent per epoch.
+Both depend on ``(seed, epoch, sample)`` only, never on workers or batch order, so a resumed run and a run on
+more processes see the same (sample, view) pairs.
+
+Replay drift: every epoch a seeded sample of ``fingerprint_checks`` items is re-fingerprinted and compared with
+the CRC-32 stored at extraction; a mismatch raises :class:`ReplayDriftError` (the student would otherwise learn
+from targets of a different input).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .data import ImageSource
+from .stores.base import StoreReader
+from .views import Recipe, eval_recipe, fingerprint, replay, sample_params
+
+VIEW_POLICIES = ("cycle", "random")
+
+
+class ReplayDriftError(RuntimeError):
+    """A replayed view does not reproduce the fingerprint stored at extraction."""
+
+
+def choose_view(policy: str, valid_views: Sequence[int], epoch: int, sample: int, seed: int) -> int:
+    """The stored view of ``sample`` used in ``epoch`` under ``policy`` (see the module docstring)."""
+    n = len(valid_views)
+    if policy == "cycle":
+        offset = int(np.random.default_rng([seed, sample, 0x5EED]).integers(n))
+        return int(valid_views[(epoch + offset) % n])
+    if policy == "random":
+        return int(valid_views[int(np.random.default_rng([seed, epoch, sample]).integers(n))])
+    raise ValueError(f"unknown view policy {policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
+
+
+def labelled_mask(labels: Sequence[int], label_shots: int | None) -> np.ndarray:
+    """True for the first ``label_shots`` samples of each class (in sample order); all True when ``None``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if label_shots is None:
+        return np.ones(len(labels), dtype=bool)
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:label_shots]] = True
+    return keep
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled order that depends on ``(seed, epoch)`` only, so a resumed run replays the same batches.
+
+    Hand-rolled because torch's ``RandomSampler`` draws from a generator whose state would have to be saved
+    mid-epoch; here the order is a pure function of the epoch, set with `set_epoch` before each epoch.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True):
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.num_items))
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items).tolist())
+
+
+class CachedViewDataset(Dataset):
+    """One item per sample: its replayed view for the current epoch, the cached targets and the label.
+
+    Args:
+        reader: the cache (picklable; opens its files lazily in each worker).
+        source: the images the cache was extracted from, in sample order (`source_from_manifest`).
+        recipe: the view recipe recorded in the manifest.
+        targets: names of the cached targets to return (``[]`` with ``with_targets=False``).
+        view_policy: ``cycle`` or ``random`` (module docstring).
+        label_shots: keep labels for the first this-many samples per class; others get label -1.
+        seed: seeds the view policy and the per-epoch fingerprint sample.
+        fingerprint_checks: items per epoch whose replay is checked against the stored fingerprint.
+        with_targets: read cached targets (False for ``--online-teacher``, which computes them).
+    """
+
+    def __init__(self, reader: StoreReader, source: ImageSource, recipe: Recipe, targets: list[str],
+                 view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
+                 fingerprint_checks: int = 16, with_targets: bool = True):
+        if view_policy not in VIEW_POLICIES:
+            raise ValueError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
+        self.reader, self.source, self.recipe = reader, source, recipe
+        self.targets = list(targets) if with_targets else []
+        self.view_policy, self.seed, self.fingerprint_checks = view_policy, seed, fingerprint_checks
+        rec = reader.records()
+        self.params = np.asarray(rec["params"], dtype=np.float64)
+        self.fingerprints = np.asarray(rec["fingerprint"], dtype=np.int64)
+        self.rows_of, self.samples, labels = _valid_rows(rec, reader.manifest.views_per_sample)
+        keep = labelled_mask(labels, label_shots)
+        self.labels = np.where(keep, labels, -1)
+        self.set_epoch(0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the views of ``epoch`` and the items whose fingerprint is checked this epoch."""
+        self.epoch = int(epoch)
+        n = min(self.fingerprint_checks, len(self))
+        rng = np.random.default_rng([self.seed, self.epoch, 0xF1])
+        self.checked = set(rng.choice(len(self), size=n, replace=False).tolist()) if n > 0 else set()
+
+    def row_of(self, index: int) -> int:
+        """The cache row (stored view) item ``index`` uses in the current epoch."""
+        sample = self.samples[index]
+        return choose_view(self.view_policy, self.rows_of[index], self.epoch, sample, self.seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample, row = self.samples[index], self.row_of(index)
+        image = replay(self.source.load(sample), self.recipe, self.params[row])
+        if index in self.checked:
+            self.check_fingerprint(sample, row, image)
+        out: dict[str, Any] = {"image": image, "label": int(self.labels[index]), "row": row, "sample": sample}
+        if self.targets:
+            out["targets"] = {k: torch.from_numpy(np.ascontiguousarray(v))
+                              for k, v in self.reader.read_row(row, self.targets).items()}
+        return out
+
+    def check_fingerprint(self, sample: int, row: int, image: torch.Tensor) -> None:
+        """Raise :class:`ReplayDriftError` if the replayed ``image`` is not the view the teacher saw."""
+        got, stored = fingerprint(image), int(self.fingerprints[row])
+        if got == stored:
+            return
+        raise ReplayDriftError(
+            f"replayed view of sample {sample} ({self.source.path_of(sample)}, cache row {row}) has fingerprint "
+            f"{got:#010x}, but the cache stored {stored:#010x}: the student would not see the input the teacher saw. "
+            "Likely causes: the image file changed on disk since extraction; --data points at a different copy of "
+            "the dataset; a different torchvision/Pillow/libjpeg version or interpolation resamples differently "
+            "(compare `versions` in the cache manifest with this environment). Re-extract the cache, or restore "
+            "the original files/environment.")
+
+
+def _valid_rows(records: dict[str, np.ndarray], views: int) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """Per sample position: its valid rows (``row = sample * K + view``); samples without one are dropped."""
+    valid = np.asarray(records["valid"]).astype(bool)
+    labels = np.asarray(records["label"], dtype=np.int64)
+    rows_of, samples, sample_labels = [], [], []
+    for s in range(len(valid) // views):
+        rows = [s * views + v for v in range(views) if valid[s * views + v]]
+        if rows:
+            rows_of.append(rows)
+            samples.append(s)
+            sample_labels.append(int(labels[rows[0]]))
+    return rows_of, samples, np.asarray(sample_labels, dtype=np.int64)
+
+
+class EvalDataset(Dataset):
+    """A held-out ImageFolder (or shards) with deterministic resize + centre-crop views at ``img_size``.
+
+    Labels are remapped by class *name* onto ``class_names`` (the cache's classes), so the evaluation folder
+    may hold a subset of the classes in any order; a class the cache does not know is an error.
+    """
+
+    def __init__(self, source: ImageSource, img_size: int, class_names: Sequence[str], crop_pct: float = 0.875,
+                 interpolation: str = "bicubic"):
+        unknown = [c for c in source.classes if c not in class_names]
+        if unknown:
+            raise ValueError(f"--val {source.root!r} has classes {unknown[:5]} that the cache does not know "
+                             f"(cache classes: {list(class_names)[:10]}...); evaluate on folders named like "
+                             "the training classes")
+        index = {name: i for i, name in enumerate(class_names)}
+        self.source = source
+        self.label_map = [index[c] for c in source.classes]
+        self.recipe = eval_recipe(img_size, crop_pct=crop_pct, interpolation=interpolation)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.source.load(index)
+        params = sample_params(self.recipe, 0, (image.shape[-2], image.shape[-1]))
+        label = self.label_map[self.source.items[index].label]
+        return {"image": replay(image, self.recipe, params), "label": label}

@@ -1,0 +1,188 @@
+"""Linear probing: frozen student features -> a linear classifier -> top-1 (WeCoLoRA's evaluation protocol).
+
+Usable after any method: a run directory (``student.safetensors`` + ``student.json``) or a checkpoint file
+plus ``--model``. Features are timm's ``forward_head(forward_features(x), pre_logits=True)`` -- the final-normed
+CLS token or the pooled map, whichever the model's head uses -- on deterministic resize + centre-crop views
+with the student's own normalisation.
+
+The classifier is multinomial logistic regression on standardised features, fitted full-batch with L-BFGS
+from a zero init (deterministic: same features -> same classifier). Its L2 strength is chosen from a small
+grid on a fixed 80/20 split of the training features and the classifier is then refitted on all of them;
+the validation split is used once, for the reported top-1.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .teachers import load_model, load_state_dict
+
+#: L2 strengths tried on the held-out part of the training features.
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass
+class ProbeConfig:
+    """What to probe and on which data (CLI: ``featcache probe``)."""
+
+    student: str = ""  # run directory or checkpoint file
+    data: str = ""  # training split (ImageFolder or image shards)
+    val: str = ""  # evaluation split; classes matched to --data by name
+    model: str | None = None  # timm name, needed for a checkpoint file (a run dir records it)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    random_init: bool = False  # probe a randomly initialised model of the same shape (baseline)
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS
+    steps: int = 200
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "auto"
+    out: str | None = None  # result JSON; default: <run dir>/probe.json (probe_random_init.json with --random-init)
+
+    def validate(self) -> None:
+        if not self.student or not self.data or not self.val:
+            raise ValueError("probe needs --student RUN_DIR_OR_CHECKPOINT, --data TRAIN_SPLIT and --val VAL_SPLIT")
+        if not Path(self.student).exists():
+            raise FileNotFoundError(f"--student {self.student!r} is neither a run directory nor a checkpoint file")
+
+
+def student_spec(cfg: ProbeConfig) -> dict[str, Any]:
+    """``student.json`` of a run dir, or the spec given by ``--model``/``--model-kwargs``/``--img-size``."""
+    path = Path(cfg.student)
+    if path.is_dir():
+        meta = path / "student.json"
+        if not meta.is_file():
+            raise FileNotFoundError(f"run directory {str(path)!r} has no student.json; is the run complete "
+                                    "(final.json written)? Otherwise pass a checkpoint file and --model")
+        spec = json.loads(meta.read_text())
+        return dict(spec, img_size=cfg.img_size or spec["img_size"])
+    if not cfg.model:
+        raise ValueError(f"--student {cfg.student!r} is a checkpoint file: also pass --model TIMM_NAME "
+                         "(and --model-kwargs / --img-size if it is not the default shape)")
+    return {"model": cfg.model, "img_size": cfg.img_size, "num_classes": None, "model_kwargs": dict(cfg.model_kwargs)}
+
+
+def load_student(cfg: ProbeConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen, eval-mode student (trained weights, or a seeded random init) and its spec incl. mean/std."""
+    spec = student_spec(cfg)
+    path = Path(cfg.student)
+    weights = None if cfg.random_init else (path / "student.safetensors" if path.is_dir() else path)
+    model = load_model(spec["model"], pretrained=False, img_size=spec.get("img_size"),
+                       num_classes=spec.get("num_classes"), **spec.get("model_kwargs", {}))
+    if weights is not None:
+        state = load_state_dict(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        head_only = all(k.startswith(("head.", "fc.", "classifier.")) for k in list(missing) + list(unexpected))
+        if not head_only:  # a different classifier size is fine (features are pre-logits); anything else is not
+            raise ValueError(f"{weights} does not fit {spec['model']} {spec.get('model_kwargs', {})}: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.eval().requires_grad_(False)
+    import timm.data
+
+    data_cfg = timm.data.resolve_model_data_config(model)
+    spec = dict(spec, img_size=int(spec.get("img_size") or data_cfg["input_size"][-1]),
+                mean=spec.get("mean") or list(data_cfg["mean"]), std=spec.get("std") or list(data_cfg["std"]))
+    return model, spec
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, source: Any, class_names: list[str], spec: dict[str, Any],
+                     device: torch.device, batch_size: int = 64, workers: int = 0, desc: str = "features",
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits features ``[N, D]`` and labels ``[N]`` (labels mapped onto ``class_names`` by name)."""
+    from tqdm import tqdm
+
+    from .dataset import EvalDataset
+    from .views import normalize
+
+    loader = DataLoader(EvalDataset(source, spec["img_size"], class_names), batch_size=batch_size, shuffle=False,
+                        num_workers=workers)
+    feats, labels = [], []
+    model.to(device)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x = normalize(batch["image"].to(device), spec["mean"], spec["std"])
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).float().cpu())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, steps: int = 200
+               ) -> nn.Linear:
+    """Multinomial logistic regression ``CE + wd·||W||²`` fitted full-batch with L-BFGS from a zero init."""
+    clf = nn.Linear(x.shape[1], num_classes).to(x.device)
+    nn.init.zeros_(clf.weight)
+    nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(x), y) + weight_decay * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return clf.requires_grad_(False)
+
+
+def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((clf(x).argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: tuple[float, ...], steps: int
+                        ) -> tuple[float, dict[str, float]]:
+    """Pick the L2 strength with the best accuracy on a fixed 20 % hold-out of the training features."""
+    if len(grid) == 1:
+        return float(grid[0]), {}
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
+    cut = max(1, int(round(0.8 * len(y))))
+    fit, held = order[:cut], order[cut:]
+    scores = {f"{wd:g}": accuracy(fit_linear(x[fit], y[fit], num_classes, wd, steps), x[held], y[held]) for wd in grid}
+    best = max(grid, key=lambda wd: (scores[f"{wd:g}"], wd))  # ties -> the stronger regularisation
+    return float(best), scores
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, grid: tuple[float, ...] = WEIGHT_DECAYS, steps: int = 200) -> dict[str, Any]:
+    """Standardise with the training statistics, choose the L2 strength, refit on all training features, score."""
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    wd, scores = choose_weight_decay(train_x, train_y, num_classes, tuple(grid), steps)
+    clf = fit_linear(train_x, train_y, num_classes, wd, steps)
+    logits = clf(val_x)
+    top5 = logits.topk(min(5, num_classes), dim=1).indices.eq(val_y[:, None]).any(1).float().mean()
+    return {"top1": 100.0 * accuracy(clf, val_x, val_y), "top5": 100.0 * float(top5),
+            "train_top1": 100.0 * accuracy(clf, train_x, train_y), "weight_decay": wd, "holdout_top1": scores}
+
+
+def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
+    """Probe ``cfg.student`` on ``cfg.data`` -> ``cfg.val``; write the result JSON; return it."""
+    from .data import open_source
+
+    cfg.validate()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    model, spec = load_student(cfg)
+    train_src, val_src = open_source(cfg.data), open_source(cfg.val)
+    classes = list(train_src.classes)
+    kw = dict(spec=spec, device=device, batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)
+    train_x, train_y = extract_features(model, train_src, classes, desc="train features", **kw)
+    val_x, val_y = extract_features(model, val_src, classes, desc="val features", **kw)
+    result = linear_probe(train_x, train_y, val_x, val_y, len(classes), cfg.weight_decays, cfg.steps)
+    result.update(student=cfg.student, model=spec["model"], model_kwargs=spec.get("model_kwargs", {}),
+                  random_init=cfg.random_init, feature_dim=int(train_x.shape[1]), num_train=len(train_y),
+                  num_val=len(val_y), num_classes=len(classes), config=asdict(cfg))
+    out = cfg.out or (str(Path(cfg.student) / ("probe_random_init.json" if cfg.random_init else "probe.json"))
+                      if Path(cfg.student).is_dir() else None)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1, default=list))
+        result["written_to"] = out
+    return result

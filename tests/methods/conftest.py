@@ -1,0 +1,58 @@
+"""Fixtures for the method tests: a tiny random-init teacher, its synthetic manifest + targets, a tiny student.
+
+The manifest is built from a real (random-init, seeded) timm teacher so methods that rebuild the teacher from
+the manifest (weight copy, online teacher blocks) work on it too.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from featcache.methods import MethodContext
+from featcache.stores.base import Manifest
+from featcache.teachers import load_teacher
+
+IMG = 32
+CLASSES = 10
+TEACHER_KWARGS = {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
+STUDENT_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+
+
+def make_student(**overrides) -> torch.nn.Module:
+    """A tiny random-init ViT student (16 patch tokens + CLS, width 32, 3 blocks) seeded for repeatability."""
+    torch.manual_seed(0)
+    kwargs = dict(STUDENT_KWARGS, **overrides)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, num_classes=CLASSES, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher():
+    return load_teacher("deit3_small_patch16_224", pretrained=False, img_size=IMG, num_classes=CLASSES,
+                        **TEACHER_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def manifest(tiny_teacher) -> Manifest:
+    layers = list(range(TEACHER_KWARGS["depth"]))
+    tokens = 1 + (IMG // TEACHER_KWARGS["patch_size"]) ** 2
+    dim = TEACHER_KWARGS["embed_dim"]
+    targets = {f"block_{i}": {"shape": [tokens, dim], "dtype": "float32"} for i in layers}
+    targets["logits"] = {"shape": [CLASSES], "dtype": "float32"}
+    return Manifest(teacher=tiny_teacher.manifest_entry(), teacher_kwargs=dict(TEACHER_KWARGS), img_size=IMG,
+                    layers=layers, targets=targets, normalization=tiny_teacher.data_config(IMG))
+
+
+@pytest.fixture(scope="session")
+def batch(tiny_teacher, manifest):
+    """(images, targets, labels) for 4 views; targets come from the teacher itself, label -1 on the last view."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, IMG, IMG, generator=gen)
+    targets = tiny_teacher.targets(images, manifest.layers)
+    labels = torch.tensor([1, 3, 5, -1])
+    return images, targets, labels
+
+
+@pytest.fixture
+def ctx(manifest) -> MethodContext:
+    return MethodContext(manifest=manifest, student=make_student(), img_size=IMG)
