@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -126,6 +127,8 @@ class Meter:
         self.count = 0
         self.images = 0
         self._unreported_images = 0
+        self.lr = 0.0
+        self.window_start = time.perf_counter()
 
     def update(self, parts: Mapping[str, torch.Tensor], images: int) -> None:
         for key, value in parts.items():
@@ -147,7 +150,9 @@ class Meter:
         keys = sorted(self.sums)
         stacked = accelerator.reduce(torch.stack([self.sums[k] for k in keys]) / self.count, reduction="mean")
         out = {k: float(v) for k, v in zip(keys, stacked.tolist())}
-        self.sums, self.count = {}, 0
+        now = time.perf_counter()
+        out["images_per_s"] = self.images / max(now - self.window_start, 1e-9)
+        self.sums, self.count, self.images, self.window_start = {}, 0, 0, now
         return out
 
 

@@ -174,26 +174,66 @@ def verify(cache: str, samples: int, seed: int, device: str, data_root: str | No
 # Stores: convert
 # ----------------------------------------------------------------------------------------------------------------
 
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst")
+@click.option("--format", "format", type=click.Choice(["zarr", "wds", "hdf5"]), required=True,
+              help="Backend of DST.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="New float type [SRC's].")
+@click.option("--codec", default=None, help="New codec: none, zstd[:L], blosc-zstd[:L][:shuffle|bitshuffle], "
+              "bitround:N, int8, or lossy+lossless like int8+zstd (see docs/FORMAT.md) [SRC's].")
+@click.option("--topk", type=int, default=None, help="Keep only the top-k logits (0: dense again) [SRC's].")
+@click.option("--shard-size", type=int, default=None, help="Views per shard/unit in DST [SRC's].")
+@click.option("--overwrite", is_flag=True, help="Delete an existing DST and start afresh.")
+def convert(src: str, dst: str, format: str, dtype: str | None, codec: str | None, topk: int | None,
+            shard_size: int | None, overwrite: bool) -> None:
+    """Rewrite cache SRC as DST in another backend and/or encoding, keeping the manifest and view records.
+
+    Targets whose encoding is unchanged are copied byte for byte; re-encoded ones report their measured error.
+    Resumable: re-running the same command continues an interrupted DST.
+    """
+    from .convert import convert as run_convert
+    from .stores.base import CacheError
+    from .stores.report import codec_report, format_report
+
+    try:
+        run_convert(src, dst, format, dtype=dtype, codec=codec, topk=topk, shard_size=shard_size, overwrite=overwrite)
+    except (CacheError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"cache: {dst}\n{format_report(codec_report(dst))}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 2: train
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_method_args(pairs: tuple[str, ...] | list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """``("alpha=3e-5", "nkd.temperature=2")`` -> ``{"alpha": 3e-5, "nkd": {"temperature": 2}}`` (YAML-typed values)."""
-    import yaml
-
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or {}).items()}
     for pair in pairs or ():
         key, sep, raw = str(pair).partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"expected key=value or method.key=value, got {pair!r}", param_hint="--method-arg")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_value(raw)
         name, dot, sub = key.strip().partition(".")
         if dot:
             out.setdefault(name, {})[sub] = value
         else:
             out[name] = value
     return out
+
+
+def _yaml_value(raw: str) -> Any:
+    """A YAML scalar/list, with ``1e-4`` read as a float (YAML 1.1 reads exponents without a dot as strings)."""
+    import yaml
+
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _train_errors() -> tuple[type[Exception], ...]:
@@ -277,7 +317,10 @@ def train(ctx: click.Context, config_path: str | None, method_arg: tuple[str, ..
         result = run_train(from_dict(TrainConfig, values))
     except _train_errors() as err:
         raise click.ClickException(str(err)) from None
-    click.echo(json.dumps(result, indent=1))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, print once
+        click.echo(json.dumps(result, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,8 +353,8 @@ def probe(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     """
     import json
 
-    from .probe import ProbeConfig, run_probe
     from .config import from_dict
+    from .probe import ProbeConfig, run_probe
 
     values = merge_config(config_path, options, ctx)
     kwargs = values.pop("model_kwargs", None)
@@ -320,11 +363,13 @@ def probe(ctx: click.Context, config_path: str | None, **options: Any) -> None:
         result = run_probe(from_dict(ProbeConfig, values))
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"linear probe top-1: {result['top1']:.2f} %  (top-5 {result['top5']:.2f} %, train {result['train_top1']:.2f} %, "
-               f"wd {result['weight_decay']:g}, {result['num_train']} train / {result['num_val']} val images, "
-               f"{result['feature_dim']}-d features{', random init' if result['random_init'] else ''})")
+    click.echo(f"linear probe top-1: {result['top1']:.2f} %  (top-5 {result['top5']:.2f} %, "
+               f"train {result['train_top1']:.2f} %, wd {result['weight_decay']:g}, {result['num_train']} train / "
+               f"{result['num_val']} val images, {result['feature_dim']}-d features"
+               f"{', random init' if result['random_init'] else ''})")
     if "written_to" in result:
         click.echo(f"written to {result['written_to']}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sweeps: sweep, report, demo
@@ -381,7 +426,9 @@ def demo(out: str, quick: bool, jobs: int | None) -> None:
     """
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig.quick(out) if quick else DemoConfig(out=out), jobs=jobs)
+    result = run_demo(DemoConfig.quick(out) if quick else DemoConfig(out=out), jobs=jobs)
+    if result["failed"]:
+        raise click.ClickException(f"{len(result['failed'])} demo run(s) failed: {sorted(result['failed'])}")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class CachedViewDataset(Dataset):
             self.check_fingerprint(sample, row, image)
         out: dict[str, Any] = {"image": image, "label": int(self.labels[index]), "row": row, "sample": sample}
         if self.targets:
-            out["targets"] = {k: torch.from_numpy(np.ascontiguousarray(v))
+            out["targets"] = {k: torch.from_numpy(np.array(v, dtype=np.float32))  # copy: rows may be read-only
                               for k, v in self.reader.read_row(row, self.targets).items()}
         return out
 

@@ -218,12 +218,13 @@ def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
     task.train()
     meter, tick = Meter(), time.perf_counter()
     for batch in loader:
-        targets = batch["targets"] if run.targets_fn is None else run.targets_fn(batch["image"])
+        targets = batch.get("targets", {}) if run.targets_fn is None else run.targets_fn(batch["image"])
         with acc.accumulate(task):
             parts = task(normalize(batch["image"], run.mean, run.std), targets, batch["label"])
             acc.backward(parts["loss"])
             if acc.sync_gradients and run.cfg.grad_clip:
                 acc.clip_grad_norm_(task.parameters(), run.cfg.grad_clip)
+            meter.lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad()
@@ -247,7 +248,7 @@ def after_step(run: Run, state: RunState, meter: Meter) -> None:
     if state.step % max(cfg.log_every, 1) == 0:
         record = {"kind": "train", "epoch": state.epoch, "step": state.step}
         record.update(meter.flush(run.accelerator))
-        record["lr"] = run.optimizer.param_groups[0]["lr"]
+        record["lr"] = meter.lr
         run.log.write(record)
     mid_epoch = state.batches_done < len(run.train_loader)
     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and mid_epoch:

@@ -24,16 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .config import ExtractConfig
 from .data import ImageDecodeError, ImageSource, open_source, select_subset, source_from_manifest, source_manifest_entry
-from .stores.base import FORMAT_VERSION, CacheError, Manifest, StoreWriter, create_writer, open_reader
-from .stores.codecs import FP16_MAX, array_specs, encode_targets, target_encoding
+from .stores.base import FORMAT_VERSION, Manifest, StoreWriter, create_writer, open_reader
+from .stores.codecs import VERIFY_RTOL, array_specs, check_fp16_range, encode_targets, targets_section, verify_reference
 from .teachers import Teacher, load_teacher, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
 
 _logger = logging.getLogger(__name__)
-
-#: Largest |activation| accepted for an fp16 cache: well inside fp16's range (65504) so that stored values
-#: keep their relative precision; beyond it extraction stops and suggests bf16 or fp32.
-FP16_LIMIT = FP16_MAX / 2
 
 
 def resolve_device(device: str) -> torch.device:
@@ -72,12 +68,12 @@ def versions() -> dict[str, str]:
 
 
 def storage_section(cfg: ExtractConfig) -> dict[str, Any]:
-    """The manifest's ``storage`` section (part of the cache identity)."""
-    compressor = getattr(cfg, "compressor", None) or "none"
-    if isinstance(compressor, str):
-        compressor = {"name": compressor}
-    return {"format": cfg.format, "dtype": cfg.dtype, "shard_size": int(cfg.shard_size), "codec": cfg.codec,
-            "topk": cfg.topk, "compressor": dict(compressor)}
+    """The manifest's ``storage`` section (part of the cache identity; the codec string is parsed by
+    :mod:`featcache.stores.codecs`)."""
+    if cfg.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
+    return {"format": cfg.format, "dtype": cfg.dtype, "shard_size": int(cfg.shard_size), "codec": cfg.codec or "none",
+            "topk": cfg.topk}
 
 
 def target_shapes(teacher: Teacher, layers: list[int], img_size: int, device: torch.device) -> dict[str, tuple]:
@@ -100,7 +96,7 @@ def build_manifest(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, in
         "data": source_manifest_entry(source, indices),
         "subset": {"shots": cfg.shots, "fraction": cfg.fraction, "subset_seed": cfg.subset_seed},
         "views": {"count": cfg.views, "seed": cfg.seed, "recipe": recipe.to_dict(), "param_names": recipe.param_names},
-        "targets": {n: {"shape": list(s), "encoding": target_encoding(n, storage)} for n, s in shapes.items()},
+        "targets": targets_section(shapes, storage),
         "arrays": array_specs(shapes, storage), "storage": storage,
         "num_samples": len(indices), "num_rows": num_rows, "complete": False, "skipped": [],
     })
@@ -177,11 +173,8 @@ def check_range(targets: dict[str, np.ndarray], dtype: str) -> None:
     """Stop before storing values the chosen dtype would lose (non-finite, or too large for fp16)."""
     for name, value in targets.items():
         if not np.isfinite(value).all():
-            raise CacheError(f"the teacher produced non-finite values in {name!r}; check the weights and inputs")
-        peak = float(np.abs(value).max()) if value.size else 0.0
-        if dtype == "fp16" and peak > FP16_LIMIT:
-            raise CacheError(f"{name!r} reaches |x| = {peak:.4g}, too close to the fp16 limit {FP16_MAX:g}; "
-                             "re-run with --dtype bf16 or --dtype fp32 (and --overwrite)")
+            raise ValueError(f"the teacher produced non-finite values in {name!r}; check the weights and inputs")
+    check_fp16_range(targets, dtype)
 
 
 def write_unit(writer: StoreWriter, manifest: Manifest, unit: int, cols: dict[str, Any],
@@ -255,13 +248,10 @@ def _collate_list(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
 # ------------------------------------------------------------------------------------------------ verify
 
 
-#: Default relative-L2 tolerance of `verify_cache` per stored dtype: a few times the measured error of
-#: rounding to that dtype (fp16 ~3e-4, bf16 ~2.5e-3) plus the fp32 noise of a different forward batch.
-VERIFY_RTOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}
-
-
 def verify_tolerance(encoding: dict[str, Any]) -> float:
-    """Tolerance for one target: a codec may set ``encoding["verify_rtol"]``, else by stored dtype."""
+    """Relative-L2 tolerance for one target: a lossy codec sets ``encoding["verify_rtol"]``, else by dtype
+    (``codecs.VERIFY_RTOL``: fp32 1e-4, fp16 2e-3, bf16 1e-2 -- several times the measured rounding error of
+    the dtype, ~2e-4 for fp16 and ~2e-3 for bf16, plus fp32 noise from a different forward batch)."""
     return float(encoding.get("verify_rtol", VERIFY_RTOL.get(encoding.get("dtype", "fp32"), 1e-2)))
 
 
@@ -290,7 +280,8 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
         mismatches += [r for r, v in zip(chunk, views) if fingerprint(v) != int(rec["fingerprint"][r])]
         fresh = compute_targets(teacher, torch.stack(views), m, dev)
         for i, r in enumerate(chunk):
-            _accumulate(stats, reader.read_row(r), {k: v[i] for k, v in fresh.items()})
+            ref = {k: verify_reference(k, v[i:i + 1], m["targets"][k])[0] for k, v in fresh.items()}
+            _accumulate(stats, reader.read_row(r), ref)
     return _verify_report(m, stats, [int(r) for r in rows], mismatches)
 
 

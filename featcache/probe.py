@@ -78,9 +78,13 @@ def load_student(cfg: ProbeConfig) -> tuple[nn.Module, dict[str, Any]]:
     model = load_model(spec["model"], pretrained=False, img_size=spec.get("img_size"),
                        num_classes=spec.get("num_classes"), **spec.get("model_kwargs", {}))
     if weights is not None:
-        state = load_state_dict(weights)
+        heads = _classifier_prefixes(model)
+        own = model.state_dict()
+        # The classifier is not probed (features are pre-logits): a checkpoint's head of another size is dropped.
+        state = {k: v for k, v in load_state_dict(weights).items()
+                 if not (k.startswith(heads) and (k not in own or own[k].shape != v.shape))}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        head_only = all(k.startswith(("head.", "fc.", "classifier.")) for k in list(missing) + list(unexpected))
+        head_only = all(k.startswith(heads) for k in list(missing) + list(unexpected))
         if not head_only:  # a different classifier size is fine (features are pre-logits); anything else is not
             raise ValueError(f"{weights} does not fit {spec['model']} {spec.get('model_kwargs', {})}: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -91,6 +95,12 @@ def load_student(cfg: ProbeConfig) -> tuple[nn.Module, dict[str, Any]]:
     spec = dict(spec, img_size=int(spec.get("img_size") or data_cfg["input_size"][-1]),
                 mean=spec.get("mean") or list(data_cfg["mean"]), std=spec.get("std") or list(data_cfg["std"]))
     return model, spec
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the model's classifier (timm's ``pretrained_cfg["classifier"]``)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    return tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))
 
 
 @torch.no_grad()

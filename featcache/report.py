@@ -58,7 +58,8 @@ def summarize_run(path: str | Path, root: str | Path | None = None) -> RunSummar
     try:
         return _summarize(path, name)
     except (OSError, ValueError, yaml.YAMLError) as err:
-        return RunSummary(name, path, f"unreadable: {type(err).__name__}", {"run": name})
+        status = f"unreadable: {type(err).__name__}"
+        return RunSummary(name, path, status, {"run": name, "status": status})
 
 
 def _summarize(path: Path, name: str) -> RunSummary:
@@ -80,12 +81,21 @@ def _summarize(path: Path, name: str) -> RunSummary:
         "best_top1": src.get("best_top1", max((r["top1"] for r in evals), default=None)),
         "top5": src.get("top5", evals[-1].get("top5") if evals else None),
         "train_time_s": src.get("train_time_s"), "images_per_s": src.get("images_per_s"),
-        "online_teacher": src.get("online_teacher_cost") or ("yes" if config.get("online_teacher") else ""),
+        "online_teacher": _online_note(src.get("online_teacher_cost"), config),
     }
     losses = [(int(r.get("step", i)), float(r["loss"])) for i, r in enumerate(records)
               if r.get("kind") == "train" and r.get("loss") is not None]
     epochs = [(int(r.get("epoch", i)), float(r["top1"])) for i, r in enumerate(evals)]
     return RunSummary(name, path, row["status"], row, losses, epochs)
+
+
+def _online_note(cost: Any, config: dict[str, Any]) -> str:
+    """The engine's cost sentences without the cache-only one: ``no`` when the run read only the cache."""
+    lines = [cost] if isinstance(cost, str) else list(cost or [])
+    lines = [c for c in lines if not str(c).startswith("cache-only")]
+    if lines:
+        return "; ".join(str(c) for c in lines)
+    return "yes" if config.get("online_teacher") else "no"
 
 
 def _cell(value: Any) -> str:

@@ -352,7 +352,8 @@ def _prepare(plan: RunPlan, state: str) -> TrainConfig:
 
 
 def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | None = None,
-              report: bool = True, fail_fast: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+              report: bool = True, fail_fast: bool = False, raise_failures: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a sweep: validate every run, make sure the cache exists, train the unfinished runs, report.
 
     Args:
@@ -362,6 +363,7 @@ def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | N
             it must be a module-level function so it pickles by name).
         report: write ``report.md/.csv/.png`` into the sweep's ``out`` at the end.
         fail_fast: stop at the first failed run instead of finishing the others.
+        raise_failures: raise :class:`SweepError` at the end if a run failed (else only return its status).
         log: where progress lines go.
 
     Returns:
@@ -387,7 +389,7 @@ def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | N
     results.update(_execute(todo, states, jobs, train_fn, fail_fast, log))
     paths = _finish(spec, plans, results, report, log)
     failed = {k: v for k, v in results.items() if v.startswith("failed")}
-    if failed:
+    if failed and raise_failures:
         raise SweepError(f"{len(failed)} of {len(plans)} run(s) failed: {failed}; re-run the sweep to retry them")
     return {"runs": results, "report": paths, "seconds": time.perf_counter() - start}
 

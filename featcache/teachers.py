@@ -119,7 +119,8 @@ class Teacher:
         if hasattr(model, "num_prefix_tokens"):
             final, inter = model.forward_intermediates(images, indices=list(layers), norm=False,
                                                        return_prefix_tokens=True, output_fmt="NLC")
-            feats = [torch.cat([p, t], dim=1) if p is not None else t for t, p in inter]
+            # timm gives (tokens, prefix) pairs only when the model has prefix tokens; plain tensors otherwise.
+            feats = [torch.cat([f[1], f[0]], dim=1) if isinstance(f, tuple) else f for f in inter]
         else:  # CNN teacher: NCHW maps stored as [B, H*W, C] tokens
             final, maps = model.forward_intermediates(images, indices=list(layers), norm=False)
             feats = [m.flatten(2).transpose(1, 2) for m in maps]
@@ -128,10 +129,9 @@ class Teacher:
         return out
 
     def num_blocks(self) -> int:
-        blocks = getattr(self.model, "blocks", None)
-        if blocks is None:
-            blocks = getattr(self.model, "stages")
-        return len(blocks)
+        from .methods.base import count_blocks
+
+        return count_blocks(self.model)
 
     def data_config(self, img_size: int) -> dict[str, Any]:
         """Normalisation from the teacher's pretrained config; geometry from ``img_size``."""

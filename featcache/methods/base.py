@@ -52,11 +52,24 @@ def student_forward(student: nn.Module, images: torch.Tensor, layers: list[int])
     if npt or hasattr(student, "num_prefix_tokens"):
         final, inter = student.forward_intermediates(images, indices=list(layers), norm=False,
                                                      return_prefix_tokens=True, output_fmt="NLC")
-        feats = [torch.cat([prefix, tokens], dim=1) if prefix is not None else tokens for tokens, prefix in inter]
+        # timm returns (tokens, prefix) pairs only when the model has prefix tokens; plain tensors otherwise.
+        feats = [torch.cat([f[1], f[0]], dim=1) if isinstance(f, tuple) else f for f in inter]
     else:
         final, feats = student.forward_intermediates(images, indices=list(layers), norm=False)
     logits = student.forward_head(final)
     return StudentOutput(logits, dict(zip(layers, feats)), npt, getattr(student, "norm", None))
+
+
+def count_blocks(model: nn.Module) -> int:
+    """Number of feature blocks ``forward_intermediates`` indexes: ViT ``blocks``, CNN ``stages`` or feature_info."""
+    for attr in ("blocks", "stages", "layers"):
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+            return len(blocks)
+    info = getattr(model, "feature_info", None)
+    if info:
+        return len(info)
+    raise ValueError(f"cannot count the feature blocks of {type(model).__name__}: it has no blocks/stages/feature_info")
 
 
 def resolve_layer(index: int, num_blocks: int) -> int:
@@ -93,10 +106,7 @@ class MethodContext:
         return resolve_layer(index, self.teacher_num_blocks)
 
     def student_num_blocks(self) -> int:
-        blocks = getattr(self.student, "blocks", None) or getattr(self.student, "stages", None)
-        if blocks is None:
-            raise ValueError(f"cannot count the blocks of student {type(self.student).__name__}")
-        return len(blocks)
+        return count_blocks(self.student)
 
     def student_layer(self, index: int) -> int:
         return resolve_layer(index, self.student_num_blocks())

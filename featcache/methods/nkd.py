@@ -1,5 +1,5 @@
 """NKD: Normalized Knowledge Distillation (Yang et al., ICCV 2023, "From Knowledge Distillation to
-Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels", Eq. 8).
+Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels", the NKD loss).
 
 Following the official ``cls_KD/mmcls/models/dis_losses/nkd.py`` (commit ``9466b3f3``, 2023-10-10), with
 t the target class, p = softmax(z), q = softmax(z_{not t} / T) over the C-1 non-target classes:

@@ -111,8 +111,8 @@ class ViTKD(Method):
 
     def __init__(self, ctx: MethodContext, student_shallow: Sequence[int] = (0, 1),
                  teacher_shallow: Sequence[int] = (0, 1), student_deep: int = -1, teacher_deep: int = -1,
-                 alpha: float = 3e-5, beta: float = 3e-6, lam: float = 0.5, mimic: str = "linear", generation: str = "conv", gen_depth: int = 6,
-                 gen_heads: int | None = None):
+                 alpha: float = 3e-5, beta: float = 3e-6, lam: float = 0.5, mimic: str = "linear",
+                 generation: str = "conv", gen_depth: int = 6, gen_heads: int | None = None):
         super().__init__(ctx)
         if len(student_shallow) != len(teacher_shallow):
             raise ValueError(f"vitkd student_shallow {list(student_shallow)} and teacher_shallow "
@@ -130,6 +130,8 @@ class ViTKD(Method):
         self.teacher_grid = ctx.teacher.get("grid_size")
         d_t = int(ctx.teacher["embed_dim"])
         widths = self._student_widths(ctx)
+        if getattr(ctx.student, "norm", None) is None:
+            raise ValueError("vitkd needs a student with a final `norm` (its deep feature is taken after it)")
         # Correlation matrices are N x N on both sides, so that variant needs no width adapter (Sec. 3.1).
         self.align2 = nn.ModuleList([make_adapter(widths[i], d_t) if mimic == "linear" else nn.Identity()
                                      for i in self.s_shallow])
@@ -137,8 +139,6 @@ class ViTKD(Method):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d_t))
         self.generation = build_generator(generation, d_t, gen_depth, gen_heads)
         self.teacher_norm = frozen_teacher_norm(ctx)
-        if getattr(ctx.student, "norm", None) is None:
-            raise ValueError("vitkd needs a student with a final `norm` (its deep feature is taken after it)")
 
     def _student_widths(self, ctx: MethodContext) -> dict[int, int]:
         shapes = ctx.student_feature_shapes(self.student_layers())
@@ -166,6 +166,8 @@ class ViTKD(Method):
         npt = student.num_prefix_tokens
         preds = [a(student.features[i][:, npt:]) for a, i in zip(self.align2, self.s_shallow)]
         tgts = [targets[name][:, self.teacher_npt:] for name in self.t_shallow]
+        for p, t in zip(preds, tgts):
+            _check_same_grid(p.shape[1], t.shape[1])
         loss_fn = vitkd_mimic_loss if self.mimic == "linear" else correlation_mimic_loss
         return loss_fn(preds, tgts)
 
@@ -173,10 +175,14 @@ class ViTKD(Method):
         x = self.align(student.final_norm(student.features[self.s_deep])[:, student.num_prefix_tokens:])
         target = self.teacher_norm(targets[self.t_deep].float())[:, self.teacher_npt:]
         b, n, _ = x.shape
-        if target.shape[1] != n:
-            raise ValueError(f"vitkd needs the same patch grid for student and teacher: student has {n} patch "
-                             f"tokens, teacher {target.shape[1]}; match img_size/patch_size")
+        _check_same_grid(n, target.shape[1])
         masking = random_masking(b, n, self.lam, x.device)
         pred = self.generation(apply_mask(x, self.mask_token, masking), masking.ids_masked,
                                grid_of(n, self.teacher_grid))
         return vitkd_generation_loss(pred, target, masking.mask, self.lam)
+
+
+def _check_same_grid(n_student: int, n_teacher: int) -> None:
+    if n_student != n_teacher:
+        raise ValueError(f"vitkd needs the same patch grid for student and teacher: the student has {n_student} "
+                         f"patch tokens, the teacher {n_teacher}; match the student's img_size/patch_size")

@@ -20,7 +20,7 @@ Codecs (``storage["codec"]``, the ``--codec`` string; ``+`` joins a lossy and a 
     ``blosc-zstd[:level][:shuffle|bitshuffle|noshuffle]``  lossless Blosc(zstd) with byte/bit shuffle.
     ``bitround:N``                             lossy (block targets only): numcodecs BitRound keeps N mantissa
         bits, then zstd:3 unless a lossless part is given. Bound: ``|x' - x| <= 2**-(N+1) * |x|`` on top of
-        the storage dtype's own rounding. Needs ``fp32`` (N <= 23) or ``fp16`` (N <= 10): BitRound works on
+        the storage dtype's own rounding (absolute ``2**-(15+N)`` near zero for fp16, where values are subnormal). Needs ``fp32`` (N <= 23) or ``fp16`` (N <= 10): BitRound works on
         IEEE floats only and bf16 is stored as uint16 bits.
     ``int8``                                   lossy (block targets only): per-view, per-channel absmax
         quantisation; ``block_i`` int8 [rows, T, D] + ``block_i__scale`` float32 [rows, D] with
@@ -42,6 +42,7 @@ FP16_HEADROOM = 2.0  # activations must stay below FP16_MAX / FP16_HEADROOM to b
 DTYPES = ("fp32", "fp16", "bf16")
 MANTISSA_BITS = {"fp32": 23, "fp16": 10}
 SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+VERIFY_RTOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}  # relative L2 that `featcache verify` accepts per dtype
 
 
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -154,14 +155,16 @@ def target_encoding(name: str, storage: Mapping[str, Any]) -> dict[str, Any]:
     if not _is_block(name) or lossy is None:
         return {"kind": "float", "dtype": dtype}
     if lossy["name"] == "int8":
-        return {"kind": "int8", "scale": "absmax_per_channel", "bound": "abs <= scale/2 = absmax_c/254"}
+        return {"kind": "int8", "scale": "absmax_per_channel", "bound": "abs <= scale/2 = absmax_c/254",
+                "verify_rtol": 0.03}
     if dtype not in MANTISSA_BITS:
         raise ValueError(f"--codec bitround needs --dtype fp32 or fp16 (numcodecs BitRound rounds IEEE floats; "
                          f"bf16 is stored as uint16 bits), got --dtype {dtype}")
     if not 0 < lossy["keepbits"] <= MANTISSA_BITS[dtype]:
         raise ValueError(f"bitround:{lossy['keepbits']} must keep 1..{MANTISSA_BITS[dtype]} mantissa bits for {dtype}")
     n = lossy["keepbits"]
-    return {"kind": "bitround", "dtype": dtype, "keepbits": n, "bound": f"rel <= 2**-{n + 1} (+ dtype rounding)"}
+    return {"kind": "bitround", "dtype": dtype, "keepbits": n, "bound": f"rel <= 2**-{n + 1} (+ dtype rounding)",
+            "verify_rtol": 2.0 ** -(n + 1) + VERIFY_RTOL[dtype]}
 
 
 def _topk_index_dtype(classes: int) -> str:
@@ -315,6 +318,15 @@ def decode_target(name: str, stored: Mapping[str, np.ndarray], entry: Mapping[st
     raise ValueError(f"unknown encoding {enc!r} for target {name!r}; is this cache from a newer featcache?")
 
 
+def verify_reference(name: str, fresh: np.ndarray, entry: Mapping[str, Any]) -> np.ndarray:
+    """What a freshly recomputed target should decode to, for ``featcache verify``: the fresh value itself,
+    except for top-k logits, whose dense decode keeps only the top-k (so compare with the fresh top-k decoded)."""
+    enc = entry["encoding"]
+    if enc["kind"] != "topk":
+        return np.asarray(fresh, dtype=np.float32)
+    return decode_target(name, encode_target(name, fresh, enc, int(entry["shape"][-1])), entry)
+
+
 def decode_targets(stored: Mapping[str, np.ndarray], manifest: Mapping[str, Any],
                    names: list[str] | None = None) -> dict[str, np.ndarray]:
     """Stored arrays -> logical float32 targets (only ``names`` if given)."""
@@ -356,9 +368,13 @@ def error_bound(enc: Mapping[str, Any], reference: np.ndarray, stored: Mapping[s
         scale = np.abs(ref).max(axis=-2) / 127.0
         return scale[..., None, :] / 2 * (1 + 1e-6) + 1e-30
     dtype_err = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}[enc["dtype"]]
-    floor = 2.0 ** -25 if enc["dtype"] == "fp16" else 1e-38  # fp16 subnormal spacing / 2
-    rel = (1 + dtype_err) * (1 + 2.0 ** -(enc["keepbits"] + 1)) - 1 if enc["kind"] == "bitround" else dtype_err
-    return ref * rel + floor
+    # Near zero the error is absolute: half the spacing at the smallest normal exponent (subnormals share it).
+    min_exp = -14 if enc["dtype"] == "fp16" else -126
+    floor = 2.0 ** (min_exp - 11) if enc["dtype"] == "fp16" else 1e-38
+    if enc["kind"] != "bitround":
+        return ref * dtype_err + floor
+    keep = enc["keepbits"]
+    return ref * ((1 + dtype_err) * (1 + 2.0 ** -(keep + 1)) - 1) + floor + 2.0 ** (min_exp - keep - 1)
 
 
 def measure_error(reference: np.ndarray, decoded: np.ndarray) -> dict[str, float]:

@@ -84,7 +84,8 @@ class Hdf5Writer:
             params = len(self.manifest["views"]["param_names"])
             for name, dtype in RECORD_DTYPES.items():
                 shape = (rows, params) if name == "params" else (rows,)
-                f.create_dataset(f"records/{name}", shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]))
+                chunks = (chunk, *shape[1:]) if all(shape[1:]) else None  # HDF5 cannot chunk a 0-wide axis
+                f.create_dataset(f"records/{name}", shape=shape, dtype=dtype, chunks=chunks)
             f.attrs["manifest"] = self.manifest.to_json()
             f.attrs["units"] = "[]"
             self._file = f

@@ -47,6 +47,27 @@ def read_manifest(path: str | os.PathLike) -> Manifest | None:
     return Manifest(attrs["featcache"]) if "featcache" in attrs else None
 
 
+def read_unit_notes(path: str | os.PathLike, num_units: int) -> list[dict[str, Any]]:
+    """The completion note of every unit, ``{}`` where the unit is not (validly) marked.
+
+    Markers are read chunk by chunk (vlen-utf8, one JSON string each) rather than through zarr-python so that
+    a damaged marker only un-marks its own unit, which is then redone, instead of failing the whole read.
+    """
+    import numcodecs
+
+    codec, notes = numcodecs.VLenUTF8(), []
+    for unit in range(num_units):
+        note: dict[str, Any] = {}
+        chunk = Path(path) / MARKERS / "c" / str(unit)
+        try:
+            text = str(codec.decode(chunk.read_bytes())[0]) if chunk.is_file() else ""
+            note = json.loads(text) if text else {}
+        except (ValueError, IndexError):  # torn or foreign bytes: no marker
+            note = {}
+        notes.append(note if note.get("unit") == unit else {})
+    return notes
+
+
 def zarr_compressors(spec: Mapping[str, Any] | None) -> list[Any] | None:
     """Compressor spec ``{"name": "none"|"zstd"|"blosc", ...options}`` -> zarr v3 codecs."""
     from zarr.codecs import BloscCodec, ZstdCodec
@@ -136,17 +157,7 @@ class ZarrWriter:
         fsync_path(self.path / "zarr.json")
 
     def completed_units(self) -> set[int]:
-        import zarr
-
-        notes = zarr.open_array(str(self.path / MARKERS), mode="r")[:]
-        done = set()
-        for unit, note in enumerate(notes):
-            try:
-                if note and json.loads(str(note)).get("unit") == unit:
-                    done.add(unit)
-            except json.JSONDecodeError:  # a torn marker is no marker: the unit is redone
-                continue
-        return done
+        return {u for u, note in enumerate(read_unit_notes(self.path, self.manifest.num_units)) if note}
 
     def _array(self, name: str) -> Any:
         if name not in self._arrays:
@@ -177,10 +188,7 @@ class ZarrWriter:
         fsync_path(self.path / MARKERS / "c" / str(unit))
 
     def unit_notes(self) -> list[dict[str, Any]]:
-        import zarr
-
-        notes = zarr.open_array(str(self.path / MARKERS), mode="r")[:]
-        return [json.loads(str(n)) if n else {} for n in notes]
+        return read_unit_notes(self.path, self.manifest.num_units)
 
     def finalize(self) -> Manifest:
         missing = sorted(set(range(self.manifest.num_units)) - self.completed_units())
@@ -355,7 +363,4 @@ class ZarrReader:
 
     def unit_notes(self) -> list[dict[str, Any]]:
         """Per-unit completion notes ({} for a unit not yet written)."""
-        import zarr
-
-        notes = zarr.open_array(str(self.path / MARKERS), mode="r")[:]
-        return [json.loads(str(n)) if n else {} for n in notes]
+        return read_unit_notes(self.path, self.manifest.num_units)

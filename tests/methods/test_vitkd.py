@@ -167,4 +167,4 @@ def test_vitkd_golden_default_config(normed_manifest):
     assert np.allclose(got, GOLDEN_VITKD, rtol=1e-5), got
 
 
-GOLDEN_VITKD = [float("nan")] * 3
+GOLDEN_VITKD = [0.06556417047977448, 2110.08154296875, 753.9083251953125]  # once from the verified code (seeds 0, 5)

@@ -154,4 +154,37 @@ def test_errors_name_the_fix(manifest):
     with pytest.raises(ValueError, match="build_student"):
         WeCoLoRA(MethodContext(manifest, student, IMG), k=2, variant="weco_kd")
     with pytest.raises(ValueError, match="blocks"):
-        WeCoLoRA(MethodContext(manifest, student, IMG), k=3)
+        WeCoLoRA(MethodContext(manifest, student, IMG), k=4)  # 1 block, not 2
+
+
+@pytest.mark.slow
+def test_cli_extract_train_wecolora_then_probe(tmp_path):
+    """`featcache extract` -> `featcache train --method wecolora` -> `featcache probe`, tiny and on CPU."""
+    import json
+
+    from click.testing import CliRunner
+    from helpers import make_image_folder
+
+    from featcache.cli import main
+
+    data = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=(36, 40))
+    val = make_image_folder(tmp_path / "val", classes=3, per_class=2, size=(36, 40), seed=1)
+    teacher_kwargs = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3})
+    run = CliRunner().invoke
+    res = run(main, ["extract", "--data", str(data), "--out", str(tmp_path / "cache"), "--teacher",
+                     "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--num-classes", "3",
+                     "--teacher-kwargs", teacher_kwargs, "--layers", "-1", "--views", "2", "--workers", "0",
+                     "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["train", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--method",
+                     "wecolora", "--method-arg", "k=2", "--method-arg", "r=4", "--student", "teacher", "--epochs", "1",
+                     "--max-steps", "2", "--batch-size", "4", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    spec = json.loads((tmp_path / "run" / "student.json").read_text())
+    assert spec["model"] == "vit_tiny_patch16_224" and spec["model_kwargs"]["depth"] == 2
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["steps"] == 2 and final["method"] == "wecolora"
+    res = run(main, ["probe", "--student", str(tmp_path / "run"), "--data", str(data), "--val", str(val),
+                     "--steps", "10", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "linear probe top-1:" in res.output and (tmp_path / "run" / "probe.json").is_file()

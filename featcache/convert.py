@@ -1,0 +1,135 @@
+"""``featcache convert``: rewrite a cache into another backend and/or encoding, keeping manifest and records.
+
+Targets whose encoding does not change are copied as stored arrays (no decode), so lossless data stays
+byte-identical across zarr -> wds -> hdf5 -> zarr; only the compressor (transparent to readers) may change.
+Targets whose encoding changes are decoded to float32 and re-encoded; the error of the new encoding against
+the decoded source is measured on every row and recorded in ``manifest["targets"][name]
+["measured_error"]`` (``featcache info`` reports it). Conversion is resumable like extraction: re-running the
+same command continues an interrupted destination.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from .stores.base import CacheError, Manifest, create_writer, open_reader
+from .stores.codecs import array_specs, decode_targets, encode_target, parse_codec, stored_names, target_encoding
+
+# Re-encoded targets of these kinds get their error measured (top-k drops classes by design: its loss is the
+# leftover mass, which `topk_probs` recovers, not an error on the logits).
+METERED = ("float", "bitround", "int8")
+
+
+def convert_manifest(src: Manifest, format: str, dtype: str | None = None, codec: str | None = None,
+                     topk: int | None = None, shard_size: int | None = None) -> Manifest:
+    """The destination manifest: the source's, with only ``storage``, ``targets`` and ``arrays`` rewritten."""
+    m = src.copy()
+    storage = dict(m["storage"], format=format)
+    if dtype is not None:
+        storage["dtype"] = dtype
+    if codec is not None:
+        storage["codec"] = codec
+        if "compressor" in storage:  # the legacy explicit compressor must not override the new codec's
+            storage["compressor"] = parse_codec(codec)["compressor"]
+    if topk is not None:
+        storage["topk"] = topk or None  # --topk 0 restores dense logits (from the decoded top-k)
+    if shard_size is not None:
+        storage["shard_size"] = int(shard_size)
+    shapes = {name: tuple(t["shape"]) for name, t in m["targets"].items()}
+    m["storage"] = storage
+    m["targets"] = {name: {"shape": list(shapes[name]), "encoding": target_encoding(name, storage)} for name in shapes}
+    m["arrays"] = array_specs(shapes, storage)
+    m.pop("num_units", None)
+    m["complete"], m["skipped"] = False, []
+    return m
+
+
+def copied_targets(src: Manifest, dst: Manifest) -> list[str]:
+    """Targets whose stored arrays can be copied unchanged (same encoding, same stored dtypes and shapes)."""
+    same = []
+    for name in dst["targets"]:
+        a, b = stored_names(src, [name]), stored_names(dst, [name])
+        if src["targets"][name]["encoding"] == dst["targets"][name]["encoding"] and a == b and all(
+                {k: src["arrays"][n][k] for k in ("shape", "dtype")} == {k: dst["arrays"][n][k] for k in ("shape", "dtype")}
+                for n in a):
+            same.append(name)
+    return same
+
+
+class _ErrorMeter:
+    """Accumulates relative L2 and max absolute error of re-encoded lossy targets."""
+
+    def __init__(self, names: list[str]):
+        self.stats = {n: {"sq_err": 0.0, "sq_ref": 0.0, "max_abs": 0.0, "rows": 0} for n in names}
+
+    def add(self, name: str, reference: np.ndarray, decoded: np.ndarray) -> None:
+        s, diff = self.stats[name], decoded.astype(np.float64) - reference
+        s["sq_err"] += float((diff ** 2).sum())
+        s["sq_ref"] += float((reference.astype(np.float64) ** 2).sum())
+        s["max_abs"] = max(s["max_abs"], float(np.abs(diff).max()) if diff.size else 0.0)
+        s["rows"] += len(reference)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {n: {"rel_l2": float(np.sqrt(s["sq_err"] / max(s["sq_ref"], 1e-30))), "max_abs": s["max_abs"],
+                    "rows": s["rows"], "reference": "decoded source cache"} for n, s in self.stats.items()}
+
+
+def _read_unit(reader: Any, rows: range, names: list[str]) -> dict[str, np.ndarray]:
+    got = [reader.read_stored_row(r, names) for r in rows]
+    return {n: np.stack([g[n] for g in got]) for n in names}
+
+
+def _unit_arrays(reader: Any, src: Manifest, dst: Manifest, rows: range, copy: list[str],
+                 meter: _ErrorMeter) -> dict[str, np.ndarray]:
+    out = _read_unit(reader, rows, stored_names(src, copy)) if copy else {}
+    recode = [n for n in dst["targets"] if n not in copy]
+    if recode:
+        decoded = decode_targets(_read_unit(reader, rows, stored_names(src, recode)), src, recode)
+        for name in recode:
+            enc = dst["targets"][name]["encoding"]
+            stored = encode_target(name, decoded[name], enc, classes=int(dst["targets"][name]["shape"][-1]))
+            out.update(stored)
+            if enc["kind"] in METERED:
+                meter.add(name, decoded[name], decode_targets(stored, dst, [name])[name])
+    return out
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, dtype: str | None = None,
+            codec: str | None = None, topk: int | None = None, shard_size: int | None = None,
+            overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Rewrite cache ``src`` as ``dst`` in backend ``format`` (and optionally another dtype/codec/top-k).
+
+    Returns:
+        The destination's final manifest.
+
+    Raises:
+        CacheError: if ``src`` is incomplete, ``dst`` is ``src``, or ``dst`` holds a different cache.
+    """
+    if Path(src).resolve() == Path(dst).resolve():
+        raise CacheError(f"convert needs a new destination; {str(dst)!r} is the source cache")
+    reader = open_reader(src)
+    m_src = reader.manifest
+    m_dst = convert_manifest(m_src, format, dtype, codec, topk, shard_size)
+    writer = create_writer(dst, m_dst, format=format, overwrite=overwrite)
+    copy = copied_targets(m_src, m_dst)
+    meter = _ErrorMeter([n for n in m_dst["targets"] if n not in copy and
+                         m_dst["targets"][n]["encoding"]["kind"] in METERED])
+    records = reader.records()
+    todo = sorted(set(range(m_dst.num_units)) - writer.completed_units())
+    for unit in tqdm(todo, desc=f"convert -> {format}", unit="unit", disable=not progress):
+        rows = m_dst.unit_rows(unit)
+        arrays = _unit_arrays(reader, m_src, m_dst, rows, copy, meter)
+        recs = {k: v[rows.start:rows.stop] for k, v in records.items()}
+        writer.write_unit(unit, arrays, recs, skipped=list(m_src.get("skipped", [])) if unit == 0 else [])
+    _record_errors(writer, meter.report() if todo else {})
+    return writer.finalize()
+
+
+def _record_errors(writer: Any, errors: Mapping[str, dict[str, Any]]) -> None:
+    # Written into the manifest the writer finalizes; "targets" is not part of the cache identity.
+    for name, err in errors.items():
+        writer.manifest["targets"][name]["measured_error"] = err

@@ -1,0 +1,122 @@
+"""Stage-2 datasets: view policies, deterministic order, replay + fingerprint checks, labels, evaluation folder."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_image_folder, random_image
+from train_helpers import make_cache, single_thread
+
+from featcache.data import open_source, source_from_manifest
+from featcache.dataset import (CachedViewDataset, EpochSampler, EvalDataset, ReplayDriftError, choose_view,
+                               labelled_mask)
+from featcache.stores.base import open_reader
+from featcache.views import Recipe, fingerprint
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    data = make_image_folder(root / "data", classes=3, per_class=3)
+    (data / "class_1" / "img_9.png").write_bytes(b"not an image")  # skipped at extraction: its views are invalid
+    with single_thread():
+        _, path = make_cache(root, views=3, shots=None, skip_corrupt=True, teacher_kwargs={"depth": 2}, layers=[0, 1])
+    return {"root": root, "data": data, "cache": path}
+
+
+def dataset(cache, **kw) -> CachedViewDataset:
+    reader = open_reader(cache["cache"])
+    m = reader.manifest
+    args = dict(targets=["block_1", "logits"], fingerprint_checks=0)
+    args.update(kw)
+    return CachedViewDataset(reader, source_from_manifest(m), Recipe.from_dict(m["views"]["recipe"]), **args)
+
+
+def test_cycle_policy_uses_every_valid_view_once_per_cycle():
+    valid = [3, 4, 5]
+    for sample in range(6):
+        seen = [choose_view("cycle", valid, epoch, sample, seed=0) for epoch in range(6)]
+        assert sorted(seen[:3]) == valid and seen[3:] == seen[:3]
+    firsts = {choose_view("cycle", valid, 0, s, seed=0) for s in range(20)}
+    assert len(firsts) > 1, "samples should start at different views"
+
+
+def test_random_policy_is_a_function_of_seed_epoch_and_sample():
+    valid = [0, 1, 2, 3]
+    draws = [choose_view("random", valid, e, 7, seed=1) for e in range(40)]
+    assert draws == [choose_view("random", valid, e, 7, seed=1) for e in range(40)]
+    assert set(draws) == set(valid)
+    with pytest.raises(ValueError, match="cycle, random"):
+        choose_view("sometimes", valid, 0, 0, 0)
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    s = EpochSampler(10, seed=5)
+    s.set_epoch(2)
+    order = list(s)
+    assert sorted(order) == list(range(10))
+    again = EpochSampler(10, seed=5)
+    again.set_epoch(2)
+    assert list(again) == order
+    again.set_epoch(3)
+    assert list(again) != order
+
+
+def test_label_shots_keeps_the_first_samples_of_each_class():
+    keep = labelled_mask([0, 0, 0, 1, 1, 2], label_shots=2)
+    assert keep.tolist() == [True, True, False, True, True, True]
+    assert labelled_mask([0, 1], None).all()
+
+
+def test_items_replay_the_stored_view_with_its_targets(cache):
+    ds = dataset(cache, label_shots=1)
+    reader = open_reader(cache["cache"])
+    records = reader.records()
+    assert len(records["valid"]) == 30 and records["valid"].sum() == 27
+    assert len(ds) == 9, "the corrupt image's sample has no valid view and is dropped"
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = ds[i]
+            row = item["row"]
+            assert records["valid"][row] == 1 and row // 3 == item["sample"]
+            assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 32, 32)
+            assert fingerprint(item["image"]) == int(records["fingerprint"][row])
+            stored = reader.read_row(row, ["logits"])["logits"]
+            assert np.array_equal(item["targets"]["logits"].numpy(), stored)
+    labels = [ds[i]["label"] for i in range(len(ds))]
+    assert labels.count(-1) == len(ds) - 3 and sorted(x for x in labels if x >= 0) == [0, 1, 2]
+
+
+def test_online_items_carry_no_targets(cache):
+    item = dataset(cache, with_targets=False)[0]
+    assert "targets" not in item and item["image"].shape == (3, 32, 32)
+
+
+def test_an_image_changed_on_disk_stops_training_with_the_file_named(cache, tmp_path):
+    import shutil
+
+    data = tmp_path / "copy"
+    shutil.copytree(cache["data"], data)
+    random_image(np.random.default_rng(99), (40, 48)).save(data / "class_0" / "img_0.png")
+    reader = open_reader(cache["cache"])
+    m = reader.manifest
+    ds = CachedViewDataset(reader, source_from_manifest(m, root=data), Recipe.from_dict(m["views"]["recipe"]), [],
+                           fingerprint_checks=100)
+    with pytest.raises(ReplayDriftError, match=r"img_0\.png.*changed on disk"):
+        for i in range(len(ds)):
+            ds[i]
+    ds.fingerprint_checks = 0
+    ds.set_epoch(0)
+    ds[0]  # unchecked items replay without complaint
+
+
+def test_eval_dataset_center_crops_and_maps_labels_by_class_name(tmp_path):
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=1, size=(50, 40))
+    ds = EvalDataset(open_source(val), 32, ["class_9", "class_1", "class_0"])
+    items = [ds[i] for i in range(len(ds))]
+    assert [it["label"] for it in items] == [2, 1]
+    assert items[0]["image"].shape == (3, 32, 32) and items[0]["image"].dtype == torch.uint8
+    assert torch.equal(items[0]["image"], ds[0]["image"])
+    with pytest.raises(ValueError, match="class_1"):
+        EvalDataset(open_source(val), 32, ["class_0"])

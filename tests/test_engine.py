@@ -1,0 +1,166 @@
+"""The stage-2 loop: cache/online parity, exact resume, run-directory contract, schedule and optimizer."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import STUDENT, make_cache, make_val, reset_accelerate, single_thread
+
+from featcache import engine, teachers
+from featcache._engine import build_optimizer, build_scheduler, split_method_args
+from featcache.config import TrainConfig
+from featcache.methods import DistillTask
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    with single_thread():
+        data, path = make_cache(root)
+    return {"root": root, "data": data, "cache": path, "val": make_val(root)}
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    reset_accelerate()
+    with single_thread():
+        yield
+    reset_accelerate()
+
+
+def config(cache, out, **kw) -> TrainConfig:
+    base = dict(cache=cache["cache"], out=str(out), method="vitkd", epochs=2, batch_size=2, workers=0, log_every=1,
+                seed=3, **STUDENT)
+    return TrainConfig(**{**base, **kw})
+
+
+def train_losses(out) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_cache_and_online_teacher_give_the_same_loss_every_step(cache, tmp_path, monkeypatch):
+    def no_teacher(*a, **k):
+        raise AssertionError("the cached path must never build the teacher")
+
+    with monkeypatch.context() as m:
+        m.setattr(teachers, "load_teacher", no_teacher)
+        cached = engine.train(config(cache, tmp_path / "cached"))
+    reset_accelerate()
+    online = engine.train(config(cache, tmp_path / "online", online_teacher=True))
+    a, b = train_losses(tmp_path / "cached"), train_losses(tmp_path / "online")
+    assert len(a) == len(b) == cached["steps"] == online["steps"] == 6
+    for ra, rb in zip(a, b):
+        for key in ("loss", "vitkd/mimic", "vitkd/generation", "ce"):
+            assert abs(ra[key] - rb[key]) <= 1e-4 * abs(ra[key]), (ra["step"], key, ra[key], rb[key])
+    assert any("--online-teacher" in c for c in online["online_teacher_cost"])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_mid_epoch_and_resumed_ends_with_the_same_weights(cache, tmp_path, monkeypatch):
+    kw = dict(epochs=2, checkpoint_every=2, val=str(cache["val"]))
+    engine.train(config(cache, tmp_path / "full", **kw))
+    reset_accelerate()
+
+    real_after_step = engine.after_step
+
+    def dies_at_step_5(run, state, meter):  # 3 steps per epoch: checkpoint at step 4 is mid-epoch 1
+        real_after_step(run, state, meter)
+        if state.step == 5:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "after_step", dies_at_step_5)
+        with pytest.raises(Killed):
+            engine.train(config(cache, tmp_path / "killed", **kw))
+    assert not (tmp_path / "killed" / "final.json").exists()
+    reset_accelerate()
+    with pytest.raises(FileExistsError, match="--resume"):
+        engine.train(config(cache, tmp_path / "killed", **kw))
+    reset_accelerate()
+    resumed = engine.train(config(cache, tmp_path / "killed", resume=True, **kw))
+    assert resumed["steps"] == 6
+    full = load_file(str(tmp_path / "full" / "student.safetensors"))
+    again = load_file(str(tmp_path / "killed" / "student.safetensors"))
+    assert full.keys() == again.keys()
+    for key in full:
+        assert torch.equal(full[key], again[key]), key
+    assert [r["loss"] for r in train_losses(tmp_path / "full")] == [r["loss"] for r in train_losses(tmp_path / "killed")]
+
+
+def test_run_directory_contract_and_student_reload(cache, tmp_path):
+    out = tmp_path / "run"
+    result = engine.train(config(cache, out, method="kd+vitkd:0.5", val=str(cache["val"]), epochs=1))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "metrics.csv", "student.safetensors", "student.json", "checkpoints",
+            "tensorboard", "final.json"} <= names
+    final = json.loads((out / "final.json").read_text())
+    assert final == json.loads(json.dumps(result))
+    assert set(final) >= {"top1", "top5", "best_top1", "train_time_s", "images_per_s", "steps", "method",
+                          "method_args", "student", "online_teacher_cost"}
+    assert (out / "final.json").stat().st_mtime >= (out / "student.safetensors").stat().st_mtime
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"kd/kd", "vitkd/mimic", "vitkd/generation", "ce", "loss", "lr", "images_per_s"} <= set(train[0])
+    assert [r["kind"] for r in records].count("eval") == 1 and 0 <= records[-1]["top1"] <= 100
+    spec = json.loads((out / "student.json").read_text())
+    model = teachers.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
+                                num_classes=spec["num_classes"], **spec["model_kwargs"])
+    model.load_state_dict(load_file(str(out / "student.safetensors")), strict=True)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, spec["num_classes"])
+    assert "ce_weight: 1.0" in (out / "config.yaml").read_text()
+
+
+def test_resume_of_a_finished_run_returns_its_result(cache, tmp_path):
+    cfg = config(cache, tmp_path / "r", method="kd", epochs=1, max_steps=1)
+    first = engine.train(cfg)
+    reset_accelerate()
+    cfg.resume = True
+    assert engine.train(cfg) == json.loads(json.dumps(first))
+
+
+def test_max_steps_and_bf16_mixed_precision_run(cache, tmp_path):
+    result = engine.train(config(cache, tmp_path / "bf16", method="kd", mixed_precision="bf16", max_steps=2))
+    assert result["steps"] == 2 and math.isfinite(train_losses(tmp_path / "bf16")[-1]["loss"])
+
+
+def test_scheduler_warms_up_then_follows_a_cosine_to_min_lr():
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(cache="x", lr=1.0, min_lr=0.1, epochs=2, warmup_epochs=1, batch_size=1)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, batches_per_epoch=4, num_processes=1)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs[4:] == pytest.approx(cosine)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_optimizer_skips_weight_decay_on_1d_and_vit_tokens():
+    student = teachers.load_model("deit_tiny", pretrained=False, img_size=32, num_classes=3, depth=1)
+    task = DistillTask(student, {}, ce_weight=1.0)
+    cfg = TrainConfig(cache="x", weight_decay=0.05, lr=1e-3, lr_base_batch=4, batch_size=2, grad_accum=2)
+    opt = build_optimizer(cfg, task, num_processes=2)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(student.pos_embed) in no_decay and id(student.cls_token) in no_decay
+    assert id(student.blocks[0].norm1.weight) in no_decay and id(student.head.weight) not in no_decay
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 * 2 * 2 / 4)
+
+
+def test_method_args_split_single_and_composite():
+    assert split_method_args(["kd"], {"temperature": 4}) == {"kd": {"temperature": 4}}
+    assert split_method_args(["kd"], {"kd": {"temperature": 4}}) == {"kd": {"temperature": 4}}
+    both = split_method_args(["vitkd", "nkd"], {"nkd": {"gamma": 2}})
+    assert both == {"vitkd": {}, "nkd": {"gamma": 2}}
+    with pytest.raises(ValueError, match="name.key=value"):
+        split_method_args(["vitkd", "nkd"], {"gamma": 2})

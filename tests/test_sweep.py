@@ -1,0 +1,178 @@
+"""Sweeps: spec expansion and validation, the cache step, skip/resume, --jobs, and the teacher never being built."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import make_image_folder
+
+import featcache.teachers as teachers
+from featcache.config import ExtractConfig, TrainConfig
+from featcache.sweep import SweepError, SweepSpec, expand_runs, run_name, run_sweep
+
+STUDENT = {"student": "vit_tiny_patch16_224", "pretrained": False,
+           "student_kwargs": {"patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3}}
+
+
+def fake_train(cfg: TrainConfig) -> dict:
+    """A stand-in trainer: writes the run-dir files the report reads (module level, so --jobs can pickle it)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    top1 = 10.0 + 100 * cfg.lr
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch": 0, "step": 1, "loss": 1.0}) + "\n"
+                                       + json.dumps({"kind": "eval", "epoch": 0, "step": 1, "top1": top1}) + "\n")
+    final = {"top1": top1, "top5": 50.0, "best_top1": top1, "train_time_s": 1.0, "images_per_s": 8.0, "steps": 1,
+             "method": cfg.method, "method_args": cfg.method_args, "student": cfg.student,
+             "online_teacher_cost": ["cache-only: no teacher compute at train time"]}
+    (out / "final.json").write_text(json.dumps(final))
+    return final
+
+
+class Recorder:
+    """Wraps a trainer and records every call's run name and resume flag."""
+
+    def __init__(self, fn=fake_train, fail_on: str | None = None):
+        self.fn, self.fail_on, self.calls = fn, fail_on, []
+
+    def __call__(self, cfg: TrainConfig) -> dict:
+        self.calls.append((Path(cfg.out).name, cfg.resume))
+        if Path(cfg.out).name == self.fail_on:
+            ckpt = Path(cfg.out) / "checkpoints" / "step_00000001"  # got as far as one checkpoint, then died
+            ckpt.mkdir(parents=True)
+            (ckpt / "featcache_state.json").write_text("{}")
+            raise RuntimeError("killed mid-run")
+        return self.fn(cfg)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    data = make_image_folder(root / "images", classes=3, per_class=4)
+    from featcache.extract import run_extract
+
+    cfg = ExtractConfig(data=str(data), out=str(root / "cache"), teacher="deit3_small", pretrained=False,
+                        img_size=32, teacher_kwargs={"depth": 3}, layers=[0, 1, -1], views=2, batch_size=8,
+                        workers=0, device="cpu")
+    return Path(run_extract(cfg, progress=False))
+
+
+def spec_for(cache: Path, out: Path, **extra) -> SweepSpec:
+    base = {**STUDENT, "epochs": 1, "batch_size": 8, "workers": 0, "fingerprint_checks": 2}
+    return SweepSpec.from_dict({"cache": str(cache), "base": base, "out": str(out), **extra})
+
+
+def test_run_names_are_readable_and_stable():
+    assert run_name({"method": "vitkd+nkd", "lr": 0.001}) == "method=vitkd+nkd,lr=0.001"
+    assert run_name({"method_args": {"temperature": 2}}) == "method_args.temperature=2"
+    assert run_name({"student": "a/b c"}) == "student=a_b_c"
+    spec = SweepSpec.from_dict({"cache": "c", "out": "o", "grid": {"method": ["kd", "nkd"], "lr": [1e-3, 5e-4]},
+                                "runs": [{"name": "warm", "warmup_epochs": 1}, {}]})
+    names = [p.name for p in expand_runs(spec)]
+    assert len(names) == 8 and names == [p.name for p in expand_runs(spec)]
+    assert names[0] == "warm,method=kd,lr=0.001" and names[4] == "method=kd,lr=0.001"
+    plan = expand_runs(spec)[1]
+    assert plan.config.lr == 5e-4 and plan.config.warmup_epochs == 1 and plan.config.out == str(Path("o") / plan.name)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"grid": {"method": ["kd", "nope"]}}, "unknown method 'nope'"),
+    ({"runs": [{"method": "kd", "method_args": {"temprature": 2}}]}, "no argument"),
+    ({"runs": [{"method": "vitkd+nkd", "method_args": {"kd": {}}}]}, "not parts of method"),
+    ({"base": {"epochs": 1, "batch": 3}}, "unknown TrainConfig keys"),
+    ({"runs": [{"name": "x"}, {"name": "x"}]}, "share the name"),
+])
+def test_every_config_is_validated_before_training(tmp_path, bad, match):
+    rec = Recorder()
+    with pytest.raises(SweepError, match=match):
+        run_sweep(SweepSpec.from_dict({"cache": str(tmp_path / "c"), "out": str(tmp_path / "o"), **bad}),
+                  train_fn=rec, report=False, log=lambda s: None)
+    assert rec.calls == []
+
+
+def test_missing_cache_without_extract_section_is_an_error(tmp_path):
+    with pytest.raises(SweepError, match="does not exist"):
+        run_sweep(SweepSpec.from_dict({"cache": str(tmp_path / "none"), "out": str(tmp_path / "o")}),
+                  train_fn=Recorder(), log=lambda s: None)
+
+
+def test_sweep_never_builds_the_teacher_and_rerun_trains_nothing(cache, tmp_path, monkeypatch):
+    """Four real trainings (engine.train) over one complete cache; any teacher construction would raise."""
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was constructed")
+
+    import featcache.extract
+
+    for module in (teachers, featcache.extract):
+        for name in ("load_teacher", "teacher_from_manifest"):
+            monkeypatch.setattr(module, name, no_teacher, raising=False)
+    from featcache.engine import train
+
+    rec, lines = Recorder(train), []
+    extract = {"data": str(cache.parent / "images"), "teacher": "deit3_small", "pretrained": False, "img_size": 32,
+               "teacher_kwargs": {"depth": 3}, "layers": [0, 1, -1], "views": 2}
+    spec = spec_for(cache, tmp_path / "runs", extract=extract,
+                    base={**STUDENT, "epochs": 1, "max_steps": 1, "batch_size": 8, "workers": 0,
+                          "fingerprint_checks": 2, "val": str(cache.parent / "images")},
+                    runs=[{"method": "ce"}, {"method": "kd"}, {"method": "nkd"}, {"method": "vitkd+nkd"}])
+    result = run_sweep(spec, train_fn=rec, log=lines.append)
+    assert "cache complete: the teacher will not be run" in lines[1]
+    assert sorted(n for n, _ in rec.calls) == sorted(result["runs"]) and len(rec.calls) == 4
+    assert set(result["runs"].values()) == {"done"}
+    for name in result["runs"]:
+        assert (tmp_path / "runs" / name / "final.json").is_file()
+    assert Path(result["report"]["png"]).stat().st_size > 0
+    again = Recorder(train)
+    result = run_sweep(spec, train_fn=again, log=lines.append)
+    assert again.calls == [] and set(result["runs"].values()) == {"skipped"}
+    assert "nothing to train: every run is finished" in lines
+
+
+def test_killed_sweep_finishes_only_the_remaining_runs(cache, tmp_path):
+    spec = spec_for(cache, tmp_path / "runs", grid={"lr": [0.1, 0.2, 0.3, 0.4]})
+    first = Recorder(fail_on="lr=0.2")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_sweep(spec, train_fn=first, fail_fast=True, log=lambda s: None)
+    assert first.calls == [("lr=0.1", False), ("lr=0.2", False)]
+    second = Recorder()
+    result = run_sweep(spec, train_fn=second, log=lambda s: None)
+    assert second.calls == [("lr=0.2", True), ("lr=0.3", False), ("lr=0.4", False)]
+    assert result["runs"] == {"lr=0.1": "skipped", "lr=0.2": "done", "lr=0.3": "done", "lr=0.4": "done"}
+
+
+def test_failed_run_does_not_stop_the_others(cache, tmp_path):
+    spec = spec_for(cache, tmp_path / "runs", grid={"lr": [0.1, 0.2, 0.3]})
+    rec = Recorder(fail_on="lr=0.2")
+    with pytest.raises(SweepError, match="1 of 3 run"):
+        run_sweep(spec, train_fn=rec, log=lambda s: None)
+    assert [n for n, _ in rec.calls] == ["lr=0.1", "lr=0.2", "lr=0.3"]
+
+
+def test_changed_config_under_the_same_name_is_refused(cache, tmp_path):
+    run_sweep(spec_for(cache, tmp_path / "runs", grid={"lr": [0.1]}), train_fn=Recorder(), log=lambda s: None)
+    changed = spec_for(cache, tmp_path / "runs", grid={"lr": [0.1]})
+    changed.base["epochs"] = 2
+    with pytest.raises(SweepError, match=r"different \['epochs'\]"):
+        run_sweep(changed, train_fn=Recorder(), log=lambda s: None)
+
+
+def test_jobs_run_in_parallel_processes(cache, tmp_path):
+    lines = []
+    result = run_sweep(spec_for(cache, tmp_path / "runs", grid={"lr": [0.1, 0.2, 0.3]}), jobs=2,
+                       train_fn=fake_train, log=lines.append)
+    assert set(result["runs"].values()) == {"done"}
+    assert any("2 trainings at once" in line for line in lines)
+    assert "lr=0.3" in Path(result["report"]["csv"]).read_text()
+
+
+def test_spec_file_with_recipe(cache, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "nkd", "epochs": 3, **STUDENT}))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"cache": str(cache), "recipe": "recipe.yaml", "base": {"epochs": 1},
+                                         "grid": {"lr": [0.1]}, "out": str(tmp_path / "runs")}))
+    rec = Recorder()
+    run_sweep(spec_path, train_fn=rec, report=False, log=lambda s: None)
+    saved = yaml.safe_load((tmp_path / "runs" / "lr=0.1" / "sweep_run.yaml").read_text())
+    assert saved["method"] == "nkd" and saved["epochs"] == 1 and rec.calls == [("lr=0.1", False)]

@@ -1,0 +1,49 @@
+"""Shared setup of the stage-2 tests (engine, dataset, compat, CLI): tiny caches and a clean Accelerate state."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from helpers import make_image_folder
+
+# The done-when example of stage 1: deit3_small (random init) at 32 px, blocks 0,1,11, 2 views, 2 shots x 3 classes.
+CACHE_ARGS: dict[str, Any] = dict(teacher="deit3_small", pretrained=False, img_size=32, layers=[0, 1, 11], views=2,
+                                  shots=2, dtype="fp32", workers=0, batch_size=8, device="cpu", shard_size=4)
+# A small deit_tiny-shaped student (4 blocks) so a step costs milliseconds.
+STUDENT: dict[str, Any] = dict(student="deit_tiny", student_kwargs={"depth": 4}, img_size=32)
+
+
+def make_cache(root: Path, name: str = "cache", per_class: int = 3, **overrides: Any) -> tuple[Path, str]:
+    """Images under ``root/data`` (3 classes) and a cache extracted from them; returns (data dir, cache path)."""
+    from featcache.config import ExtractConfig
+    from featcache.extract import run_extract
+
+    data = root / "data"
+    if not data.exists():
+        make_image_folder(data, classes=3, per_class=per_class)
+    args = dict(CACHE_ARGS, **overrides)
+    return data, run_extract(ExtractConfig(data=str(data), out=str(root / name), **args), progress=False)
+
+
+def make_val(root: Path) -> Path:
+    return make_image_folder(root / "val", classes=3, per_class=2, seed=1)
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons so each in-process run starts clean (as a new process would)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class single_thread:
+    """Run torch on one thread: the test machine's cores are shared, and tiny models gain nothing from two."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.threads)
