@@ -29,7 +29,7 @@ from featcache.stores.base import Manifest, create_writer, open_reader
 from featcache.stores.codecs import array_specs, decode_targets, encode_targets, targets_section
 from featcache.stores.report import array_nbytes
 
-CODECS = [("fp16", "none", None), ("fp16", "blosc-zstd:5:bitshuffle", None), ("fp16", "bitround:7", None),
+CODECS = [("fp16", "none", None), ("fp16", "blosc-zstd:5:shuffle", None), ("fp16", "bitround:7", None),
           ("fp16", "int8+zstd", None), ("bf16", "zstd:3", 10)]
 
 

@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--blr", type=float, default=1e-3, help="base lr; lr = blr * batch / 256 (WeCoLoRA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="run directory name under <out>/runs [wecolora_k{k}_r{rank}_...]")
     return p.parse_args()
 
 
@@ -54,8 +55,13 @@ def extract_cache(demo: DemoConfig, out: Path, views: int) -> str:
     return run_extract(cfg)
 
 
+def run_dir(out: Path, args: argparse.Namespace) -> Path:
+    name = args.name or f"wecolora_k{args.k}_r{args.rank}_e{args.epochs}_blr{args.blr:g}_s{args.seed}"
+    return out / "runs" / name
+
+
 def train_wecolora(cache: str, out: Path, args: argparse.Namespace) -> dict:
-    cfg = TrainConfig(cache=cache, out=str(out / "runs" / "wecolora"), method="wecolora",
+    cfg = TrainConfig(cache=cache, out=str(run_dir(out, args)), method="wecolora",
                       method_args={"k": args.k, "r": args.rank}, student=MODEL, epochs=args.epochs,
                       warmup_epochs=min(2.0, args.epochs / 5), batch_size=args.batch_size, lr=args.blr,
                       lr_base_batch=256, min_lr=0.0, betas=(0.9, 0.95), weight_decay=0.05, grad_clip=None,
@@ -72,7 +78,7 @@ def save_step0_student(cache: str, out: Path, args: argparse.Namespace) -> Path:
     from featcache.methods import MethodContext
 
     plain = wecolora(MethodContext(manifest, student, int(manifest["img_size"])), **kwargs).export_student(student)
-    run = out / "runs" / "wecolora_step0"
+    run = out / "runs" / f"wecolora_step0_k{args.k}_r{args.rank}"
     run.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(run / "student.safetensors"))
     spec = dict(plain.featcache_spec, mean=list(plain.pretrained_cfg["mean"]), std=list(plain.pretrained_cfg["std"]))
@@ -98,7 +104,7 @@ def main() -> None:
     times["train_s"] = time.perf_counter() - t0
     step0 = save_step0_student(cache, out, args)
     probe = dict(data=str(out / "digits" / "train"), val=str(out / "digits" / "test"), device="cpu")
-    run = out / "runs" / "wecolora"
+    run = run_dir(out, args)
     t0 = time.perf_counter()
     rows = {
         "wecolora (trained, label-free)": run_probe(ProbeConfig(student=str(run), **probe)),

@@ -416,7 +416,8 @@ def report(runs_dir: str, out: str | None) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="featcache_demo", show_default=True,
               help="Working directory (digits images, teacher, cache, runs, report).")
 @click.option("--quick", is_flag=True, help="A tiny version (a minute or two) that exercises every stage.")
-@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Student trainings at once [cores // 1].")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Student trainings at once, one torch thread each [the number of CPU cores, at most 4].")
 def demo(out: str, quick: bool, jobs: int | None) -> None:
     """Teacher once, many students: the whole pipeline on scikit-learn's digits, no download needed.
 
@@ -424,6 +425,10 @@ def demo(out: str, quick: bool, jobs: int | None) -> None:
     every training image once, trains CE / KD / NKD / ViTKD / ViTKD+NKD students from that one cache with
     10 labels per class, and prints the report with an honest verdict. About 10 minutes on 2 CPU cores.
     """
+    import os
+
+    # Idle OpenMP threads must sleep, not spin: on a busy 2-core machine spinning threads slow torch ~10x.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig.quick(out) if quick else DemoConfig(out=out), jobs=jobs)

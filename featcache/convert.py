@@ -50,14 +50,11 @@ def convert_manifest(src: Manifest, format: str, dtype: str | None = None, codec
 
 def copied_targets(src: Manifest, dst: Manifest) -> list[str]:
     """Targets whose stored arrays can be copied unchanged (same encoding, same stored dtypes and shapes)."""
-    same = []
-    for name in dst["targets"]:
-        a, b = stored_names(src, [name]), stored_names(dst, [name])
-        if src["targets"][name]["encoding"] == dst["targets"][name]["encoding"] and a == b and all(
-                {k: src["arrays"][n][k] for k in ("shape", "dtype")} == {k: dst["arrays"][n][k] for k in ("shape", "dtype")}
-                for n in a):
-            same.append(name)
-    return same
+    def layout(m: Mapping[str, Any], name: str) -> list[tuple]:
+        return [(n, m["arrays"][n]["shape"], m["arrays"][n]["dtype"]) for n in stored_names(m, [name])]
+
+    return [name for name in dst["targets"] if src["targets"][name]["encoding"] == dst["targets"][name]["encoding"]
+            and layout(src, name) == layout(dst, name)]
 
 
 class _ErrorMeter:

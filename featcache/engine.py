@@ -85,6 +85,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state = restore(run) if cfg.resume else RunState()
     run.accelerator.print("\n".join(f"[featcache] {c}" for c in run.costs))
     for epoch in range(state.epoch, cfg.epochs):
+        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+            break
         stopped = train_epoch(run, state, epoch)
         if state.batches_done >= len(run.train_loader) or stopped:
             end_epoch(run, state, epoch)
@@ -96,6 +98,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _refuse_overwrite(out: Path, resume: bool) -> None:
     if not resume and (out / "metrics.jsonl").exists():
         raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def _check_same_run(path: Path, cfg: TrainConfig) -> None:
+    """``--resume`` must continue the same run: only options that do not change the result may differ."""
+    from .config import load_yaml, to_dict
+    from .stores.base import diff_keys
+
+    if not path.is_file():
+        return
+    free = {"resume", "workers", "log_every", "data", "val", "checkpoint_every", "ce_weight"}
+    old, new = load_yaml(path), to_dict(cfg)
+    changed = [k for k in diff_keys(old, new) if k.split(".")[0] not in free]
+    if changed:
+        raise ValueError(f"--resume with different settings than the run in {str(path.parent)!r}: {changed}; "
+                         "resume with the original options or train into a new --out")
 
 
 def setup(cfg: TrainConfig, out: Path) -> Run:
@@ -124,6 +141,8 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     data_cfg = _student_data_config(accelerator.unwrap_model(task).student)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            _check_same_run(out / "config.yaml", cfg)
         save_yaml(dataclasses.replace(cfg, ce_weight=accelerator.unwrap_model(task).ce_weight), out / "config.yaml")
     accelerator.init_trackers("tensorboard")
     spec = {"model": cfg.student, "img_size": img_size, "num_classes": int(cfg.num_classes or
@@ -237,8 +256,10 @@ def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
             state.step += 1
             after_step(run, state, meter)
             if run.cfg.max_steps is not None and state.step >= run.cfg.max_steps:
-                return True
-    return False
+                break
+    if meter.count:  # the last steps of the epoch when it does not end on a multiple of log_every
+        log_train(run, state, meter)
+    return run.cfg.max_steps is not None and state.step >= run.cfg.max_steps
 
 
 def after_step(run: Run, state: RunState, meter: Meter) -> None:
@@ -246,13 +267,16 @@ def after_step(run: Run, state: RunState, meter: Meter) -> None:
     cfg = run.cfg
     state.images_seen += meter.pending_images()
     if state.step % max(cfg.log_every, 1) == 0:
-        record = {"kind": "train", "epoch": state.epoch, "step": state.step}
-        record.update(meter.flush(run.accelerator))
-        record["lr"] = meter.lr
-        run.log.write(record)
+        log_train(run, state, meter)
     mid_epoch = state.batches_done < len(run.train_loader)
     if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and mid_epoch:
         save_checkpoint(run, state)
+
+
+def log_train(run: Run, state: RunState, meter: Meter) -> None:
+    record = {"kind": "train", "epoch": state.epoch, "step": state.step, **meter.flush(run.accelerator)}
+    record["lr"] = meter.lr
+    run.log.write(record)
 
 
 def end_epoch(run: Run, state: RunState, epoch: int) -> None:

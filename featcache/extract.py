@@ -11,9 +11,9 @@ complete only after its data is durable, so a killed run resumes from the first 
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,9 +28,6 @@ from .stores.base import FORMAT_VERSION, Manifest, StoreWriter, create_writer, o
 from .stores.codecs import VERIFY_RTOL, array_specs, check_fp16_range, encode_targets, targets_section, verify_reference
 from .teachers import Teacher, load_teacher, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
-
-_logger = logging.getLogger(__name__)
-
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
@@ -221,7 +218,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None
     writer = create_writer(cfg.out, manifest, format=cfg.format, overwrite=cfg.overwrite)
     manifest = writer.manifest
     if manifest.complete:
-        _logger.info("cache %s is already complete; nothing to do", cfg.out)
+        if progress:
+            print(f"cache {cfg.out} is already complete; nothing to do (--overwrite recomputes it)")
         return str(cfg.out)
     todo = [u for u in range(manifest.num_units) if u not in writer.completed_units()][:max_units]
     rows = [r for u in todo for r in manifest.unit_rows(u)]
@@ -229,15 +227,34 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None
                           manifest.views_per_sample, rows, cfg.skip_corrupt)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False,
                         collate_fn=_collate_list, pin_memory=device.type == "cuda")
-    from tqdm import tqdm
-
-    with tqdm(total=len(rows), unit="img", desc="extract", disable=not progress, dynamic_ncols=True) as bar:
-        for unit, cols in iter_units(loader, manifest, cfg.skip_corrupt):
-            write_unit(writer, manifest, unit, cols, compute_targets(teacher, cols["image"], manifest, device))
-            bar.update(len(cols["row"]))
+    extract_units(writer, teacher, loader, device, skip_corrupt=cfg.skip_corrupt, total=len(rows), progress=progress)
     if max_units is None or len(writer.completed_units()) == manifest.num_units:
         writer.finalize()
     return str(cfg.out)
+
+
+def extract_units(writer: StoreWriter, teacher: Teacher, loader: DataLoader, device: torch.device,
+                  skip_corrupt: bool = False, total: int | None = None, progress: bool = True) -> None:
+    """Teacher forward per unit, then encode + write + mark it.
+
+    One background thread writes: unit u is encoded, written and fsynced while the teacher runs on unit
+    u + 1. At most one write is in flight and each is awaited before the next is submitted, so units are
+    marked in order and a write error surfaces at once.
+    """
+    from tqdm import tqdm
+
+    manifest = writer.manifest
+    with tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer") as pool:
+        pending: Future | None = None
+        for unit, cols in iter_units(loader, manifest, skip_corrupt):
+            targets = compute_targets(teacher, cols["image"], manifest, device)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write_unit, writer, manifest, unit, cols, targets)
+            pending.add_done_callback(lambda f, n=len(cols["row"]): bar.update(n) if f.exception() is None else None)
+        if pending is not None:
+            pending.result()
 
 
 def _collate_list(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -285,7 +302,8 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
     return _verify_report(m, stats, [int(r) for r in rows], mismatches)
 
 
-def _accumulate(stats: dict[str, dict[str, float]], cached: dict[str, np.ndarray], fresh: dict[str, np.ndarray]) -> None:
+def _accumulate(stats: dict[str, dict[str, float]], cached: dict[str, np.ndarray], fresh: dict[str, np.ndarray]
+                ) -> None:
     for name, s in stats.items():
         diff = cached[name].astype(np.float64) - fresh[name].astype(np.float64)
         s["sq_err"] += float((diff ** 2).sum())

@@ -5,12 +5,16 @@ A sweep spec is YAML (no code, no tags)::
     cache: caches/deit3s_16shot          # the cache every run reads
     extract: {data: ..., teacher: ...}   # optional: ExtractConfig fields; run first unless the cache is complete
     recipe: train/vitkd/deit_tiny_from_deit3_small.yaml   # optional: TrainConfig defaults from a recipe
-    base: {epochs: 30}                   # TrainConfig fields over the recipe
+    base: {epochs: 30}                   # TrainConfig fields for every run, over the recipes
     grid: {method: [kd, nkd], lr: [1e-3, 5e-4]}           # cartesian product
-    runs: [{name: online-kd, method: kd, online_teacher: true}]   # explicit list (crossed with the grid)
+    runs:                                # explicit list (each entry crossed with the grid)
+      - {name: online-kd, method: kd, online_teacher: true}
+      - {recipe: train/nkd/deit_tiny_from_deit3_small.yaml}   # a run may bring its own recipe
     out: runs/my_sweep                   # one directory per run below this
 
-Run names come from the overrides alone (``method=nkd,lr=0.0005``), so they are stable across re-runs and
+Precedence, lowest first: top-level recipe, the run's recipe, ``base``, the run's fields, the grid point.
+Run names come from the overrides alone (``method=nkd,lr=0.0005``; a run recipe gives
+``nkd_deit_tiny_from_deit3_small``; ``name:`` wins), so they are stable across re-runs and
 a re-run finds its finished runs (``final.json`` present) and skips them; a run with checkpoints resumes.
 Only the stage-2 trainer reads the cache; the teacher is never built unless a run asks for
 ``online_teacher`` or the cache must be extracted first.
@@ -67,10 +71,12 @@ class SweepSpec:
 
     cache: str
     out: str
-    base: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] = field(default_factory=dict)  # fields for every run (over the recipes)
+    defaults: dict[str, Any] = field(default_factory=dict)  # the top-level recipe's fields
     grid: dict[str, list[Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     extract: dict[str, Any] | None = None
+    root: str = "."  # where relative recipe paths are looked up (besides the working directory)
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], root: str | Path = ".") -> "SweepSpec":
@@ -88,29 +94,31 @@ class SweepSpec:
                 raise SweepError(f"extract.out {extract['out']!r} differs from cache {cache!r}; give one path")
         if not spec.get("out"):
             raise SweepError("a sweep spec needs `out: RUNS_DIR` (one directory per run is made below it)")
-        base = _recipe_defaults(spec.get("recipe"), Path(root))
-        base.update(spec.get("base") or {})
         grid = spec.get("grid") or {}
         bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
         if bad:
             raise SweepError(f"grid values must be non-empty lists; fix {bad} (e.g. `lr: [0.001, 0.0005]`)")
         runs = [dict(r) for r in (spec.get("runs") or [])]
-        return cls(cache=str(cache), out=str(spec["out"]), base=base, grid=dict(grid), runs=runs, extract=extract)
+        for run in runs:  # fail on a missing recipe now, not after other runs trained
+            _recipe_defaults(run.get("recipe"), Path(root))
+        return cls(cache=str(cache), out=str(spec["out"]), base=dict(spec.get("base") or {}),
+                   defaults=_recipe_defaults(spec.get("recipe"), Path(root)), grid=dict(grid), runs=runs,
+                   extract=extract, root=str(root))
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepSpec":
         """Read a spec YAML file; a ``recipe:`` path is tried relative to the working directory, then the file."""
         path = Path(path)
         spec = load_yaml(path)
-        recipe = spec.get("recipe")
-        root = "." if not recipe or Path(recipe).is_file() else path.parent
-        return cls.from_dict(spec, root=root)
+        return cls.from_dict(spec, root=path.parent)
 
 
 def _recipe_defaults(recipe: str | None, root: Path) -> dict[str, Any]:
     if not recipe:
         return {}
-    path = Path(recipe) if Path(recipe).is_absolute() else root / recipe
+    path = Path(recipe)
+    if not path.is_file() and not path.is_absolute():
+        path = root / recipe
     if not path.is_file():
         raise SweepError(f"recipe {recipe!r} not found (looked at {str(path)!r}); recipes live in train/<method>/")
     return load_yaml(path)
@@ -173,6 +181,9 @@ def expand_runs(spec: SweepSpec) -> list[RunPlan]:
     for entry in entries:
         entry = dict(entry)
         given = entry.pop("name", None)
+        recipe = entry.pop("recipe", None)
+        if recipe is not None and given is None:
+            given = Path(recipe).parent.name + "_" + Path(recipe).stem  # vitkd_deit_tiny_from_deit3_small
         for point in points:
             overrides = {**entry, **point}
             name = run_name(overrides) if given is None else _sanitize(str(given)) + (
@@ -181,12 +192,14 @@ def expand_runs(spec: SweepSpec) -> list[RunPlan]:
                 raise SweepError(f"two runs share the name {name!r} ({seen[name]} and {overrides}); "
                                  "give each `runs:` entry a distinct `name:`")
             seen[name] = overrides
-            plans.append(RunPlan(name, overrides, _build_config(spec, name, overrides)))
+            plans.append(RunPlan(name, overrides, _build_config(spec, name, overrides, recipe)))
     return plans
 
 
-def _build_config(spec: SweepSpec, name: str, overrides: Mapping[str, Any]) -> TrainConfig:
-    values = copy.deepcopy(spec.base)
+def _build_config(spec: SweepSpec, name: str, overrides: Mapping[str, Any], recipe: str | None = None
+                  ) -> TrainConfig:
+    """Precedence, lowest first: top-level recipe, the run's recipe, ``base``, the run's overrides, the grid point."""
+    values = copy.deepcopy({**spec.defaults, **_recipe_defaults(recipe, Path(spec.root)), **spec.base})
     for key, value in overrides.items():
         set_override(values, key, value)
     values["cache"] = spec.cache

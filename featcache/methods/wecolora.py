@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -213,6 +214,11 @@ class WeCoLoRA(Method):
         if img_size is not None and int(img_size) != int(manifest["img_size"]):
             raise ValueError(f"wecolora copies the teacher's position embedding, so the student must see the cache's "
                              f"{manifest['img_size']} px views, not {img_size}; drop --img-size")
+        t = manifest["teacher"]
+        if student_name and student_name not in ("teacher", t.get("name"), t.get("timm_name"), t.get("architecture")):
+            warnings.warn(f"wecolora builds its student from the cached teacher {t.get('name')!r} (every {k}-th "
+                          f"block); --student {student_name!r} is ignored (pass --student teacher to silence this)",
+                          stacklevel=2)
         student = subsample_blocks(teacher_from_manifest(manifest).model, int(k))
         student.train()
         if variant == "lora":

@@ -28,7 +28,8 @@ def marker_dir(root: str | Path) -> Path:
 def read_manifest(root: str | Path) -> Manifest:
     path = Path(root) / "manifest.json"
     if not path.is_file():
-        raise CacheError(f"no manifest.json in {str(root)!r}: not a featcache cache (make one with `featcache extract`)")
+        raise CacheError(f"no manifest.json in {str(root)!r}: not a featcache cache "
+                         "(make one with `featcache extract`)")
     return Manifest.from_json(path.read_text())
 
 
@@ -46,6 +47,7 @@ def open_dir(root: str | Path, manifest: Manifest, format: str, overwrite: bool)
     manifest = manifest.copy()
     manifest.setdefault("storage", {})["format"] = format
     manifest["complete"] = False
+    _check_is_cache_or_empty(root)
     if overwrite and root.exists():
         shutil.rmtree(root)
     if (root / "manifest.json").is_file():
@@ -59,6 +61,14 @@ def open_dir(root: str | Path, manifest: Manifest, format: str, overwrite: bool)
     marker_dir(root).mkdir(parents=True, exist_ok=True)
     write_manifest(root, manifest)
     return manifest
+
+
+def _check_is_cache_or_empty(root: Path) -> None:
+    # Never write into (or --overwrite) a directory that holds something else than a featcache cache.
+    if root.is_file():
+        raise CacheError(f"{str(root)!r} is a file; choose a directory for the cache")
+    if root.is_dir() and not (root / "manifest.json").is_file() and {p.name for p in root.iterdir()} - {"_featcache"}:
+        raise CacheError(f"{str(root)!r} exists and is not a featcache cache; choose another --out")
 
 
 def completed_units(root: str | Path) -> dict[int, dict[str, Any]]:

@@ -20,7 +20,8 @@ Codecs (``storage["codec"]``, the ``--codec`` string; ``+`` joins a lossy and a 
     ``blosc-zstd[:level][:shuffle|bitshuffle|noshuffle]``  lossless Blosc(zstd) with byte/bit shuffle.
     ``bitround:N``                             lossy (block targets only): numcodecs BitRound keeps N mantissa
         bits, then zstd:3 unless a lossless part is given. Bound: ``|x' - x| <= 2**-(N+1) * |x|`` on top of
-        the storage dtype's own rounding (absolute ``2**-(15+N)`` near zero for fp16, where values are subnormal). Needs ``fp32`` (N <= 23) or ``fp16`` (N <= 10): BitRound works on
+        the storage dtype's own rounding (absolute ``2**-(15+N)`` near zero for fp16, where values are
+        subnormal). Needs ``fp32`` (N <= 23) or ``fp16`` (N <= 10): BitRound works on
         IEEE floats only and bf16 is stored as uint16 bits.
     ``int8``                                   lossy (block targets only): per-view, per-channel absmax
         quantisation; ``block_i`` int8 [rows, T, D] + ``block_i__scale`` float32 [rows, D] with
@@ -117,9 +118,10 @@ def _parse_lossy(part: str) -> dict[str, Any]:
     return {"name": "bitround", "keepbits": int(fields[1])}
 
 
-def numcodecs_compressor(spec: Mapping[str, Any] | None):
+def numcodecs_compressor(spec: Mapping[str, Any] | None, itemsize: int | None = None):
     """A numcodecs codec for a compressor spec (``None`` for ``{"name": "none"}``); used by the wds backend
-    per tar member and usable by any backend that compresses bytes itself."""
+    per tar member and usable by any backend that compresses bytes itself. ``itemsize``: the element size
+    Blosc shuffles by (bytes otherwise count as 1-byte elements and shuffling does nothing)."""
     import numcodecs
 
     spec = dict(spec or {"name": "none"})
@@ -130,7 +132,8 @@ def numcodecs_compressor(spec: Mapping[str, Any] | None):
     if spec["name"] == "blosc":
         shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
                    "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[spec.get("shuffle", "shuffle")]
-        return numcodecs.Blosc(cname=spec.get("cname", "zstd"), clevel=int(spec.get("clevel", 5)), shuffle=shuffle)
+        return numcodecs.Blosc(cname=spec.get("cname", "zstd"), clevel=int(spec.get("clevel", 5)), shuffle=shuffle,
+                               typesize=itemsize)
     raise ValueError(f"unknown compressor {spec!r}; expected none, zstd or blosc")
 
 

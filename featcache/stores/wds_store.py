@@ -120,7 +120,7 @@ class WdsWriter:
         members = self._member_names()
         pattern = str(self.root / ".shard-%06d.tar.tmp")
         with wds.ShardWriter(pattern, maxcount=n + 1, maxsize=float("inf"), start_shard=unit, verbose=0,
-                             encoder=False, post=self._publish) as sink:
+                             encoder=False, mtime=0.0, post=self._publish) as sink:  # mtime 0: reproducible shard bytes
             for i, row in enumerate(rows):
                 sample = {"__key__": row_key(self.manifest, row), "records.json": _record_json(records, i)}
                 for name, (ext, codec) in members.items():
@@ -132,7 +132,8 @@ class WdsWriter:
         out = {}
         for name, spec in self.manifest["arrays"].items():
             comp = dict(spec.get("compressor") or {"name": "none"})
-            out[name] = ("npy" + COMPRESSED_SUFFIX[comp["name"]], numcodecs_compressor(comp))
+            itemsize = np.dtype(spec["dtype"]).itemsize
+            out[name] = ("npy" + COMPRESSED_SUFFIX[comp["name"]], numcodecs_compressor(comp, itemsize))
         return out
 
     def _publish(self, tmp_name: str) -> None:

@@ -15,7 +15,8 @@ The reader's fast path reads a row with one ``os.pread`` per array: it parses ea
 sharding codec's trailing table of ``(offset, nbytes)`` uint64 pairs + CRC-32C) once per shard and process.
 zarr-python's own read path costs far more per row (the issue measured ~1.2k arrays/s warm vs ~30k views/s
 for direct preads), and training reads single views in random order. Layouts the fast path does not know
-(other codecs, big-endian, index at the start is handled) fall back to zarr-python.
+(codecs other than bytes/zstd/blosc/gzip, big-endian bytes, inner chunks other than one row) are read
+through zarr-python instead.
 """
 from __future__ import annotations
 
@@ -118,8 +119,8 @@ class ZarrWriter:
     def _existing_manifest(self, overwrite: bool) -> Manifest | None:
         if not self.path.exists():
             return None
-        if self.path.is_file() or (any(self.path.iterdir()) and not (self.path / "zarr.json").is_file()
-                                   and not (self.path / "_featcache").is_dir()):
+        # Only a directory holding _featcache/ (made first, before anything else) is ours to resume or delete.
+        if self.path.is_file() or (any(self.path.iterdir()) and not (self.path / "_featcache").is_dir()):
             raise CacheError(f"{str(self.path)!r} exists and is not a featcache cache; choose another --out")
         old = read_manifest(self.path)
         if overwrite or old is None:  # old is None: creation was interrupted before the manifest landed
@@ -137,7 +138,8 @@ class ZarrWriter:
     def _create(self) -> None:
         import zarr
 
-        group = zarr.open_group(str(self.path), mode="w")
+        (self.path / "_featcache").mkdir(parents=True)
+        group = zarr.open_group(str(self.path), mode="a")
         m = self.manifest
         rows, shard = m.num_rows, m.shard_size
         for name, spec in m["arrays"].items():
@@ -177,11 +179,12 @@ class ZarrWriter:
             files.append(self.path / name / _shard_key(value.ndim, unit))
         for name, dtype in RECORD_DTYPES.items():
             value = np.asarray(records[name], dtype=dtype)
+            if value.shape[:1] != (len(rows),):
+                raise ValueError(f"record {name!r} for unit {unit} has {value.shape[:1]} rows, expected {len(rows)}")
             self._array(f"{RECORDS}/{name}")[rows.start:rows.stop] = value
             files.append(self.path / RECORDS / name / _shard_key(value.ndim, unit))
         for f in files:
-            fsync_path(f)
-        fsync_path(files[0].parent)
+            fsync_path(f)  # the file and its directory (zarr wrote it as temp file + rename)
         note = json.dumps({"unit": unit, "rows": [rows.start, rows.stop], "skipped": sorted(skipped or [])},
                           sort_keys=True)
         self._array(MARKERS)[unit] = note  # zarr's LocalStore writes via temp file + rename
@@ -287,7 +290,8 @@ class ZarrReader:
             if name not in self.manifest["arrays"]:
                 raise KeyError(f"no array {name!r} in cache {str(self.path)!r}; it has {list(self.manifest['arrays'])}")
             meta = json.loads((self.path / name / "zarr.json").read_text())
-            if meta.get("node_type") != "array" or len(meta["shape"]) != 1 + len(self.manifest["arrays"][name]["shape"]):
+            ndim = 1 + len(self.manifest["arrays"][name]["shape"])
+            if meta.get("node_type") != "array" or len(meta["shape"]) != ndim:
                 raise CacheError(f"{self.path / name / 'zarr.json'} does not describe the array the manifest lists")
             self._layout[name] = _ShardedArray(self.path, name, meta)
         return self._layout[name]

@@ -13,7 +13,7 @@ WeCoLoRA = METHODS.get("wecolora")
 
 
 def build(manifest, **kw):
-    student = WeCoLoRA.build_student(manifest, "ignored", IMG, **kw)
+    student = WeCoLoRA.build_student(manifest, "teacher", IMG, **kw)
     return student, WeCoLoRA(MethodContext(manifest, student, IMG), **kw)
 
 
@@ -147,12 +147,14 @@ def test_weco_kd_variant_trains_everything_on_final_normed_features(manifest, ba
 
 def test_errors_name_the_fix(manifest):
     with pytest.raises(ValueError, match="img-size"):
-        WeCoLoRA.build_student(manifest, "x", IMG * 2, k=2)
+        WeCoLoRA.build_student(manifest, "teacher", IMG * 2, k=2)
     with pytest.raises(ValueError, match="variant"):
-        WeCoLoRA.build_student(manifest, "x", IMG, variant="lora++")
-    student = WeCoLoRA.build_student(manifest, "x", IMG, k=2, r=4)
+        WeCoLoRA.build_student(manifest, "teacher", IMG, variant="lora++")
+    student = WeCoLoRA.build_student(manifest, "teacher", IMG, k=2, r=4)
     with pytest.raises(ValueError, match="build_student"):
         WeCoLoRA(MethodContext(manifest, student, IMG), k=2, variant="weco_kd")
+    with pytest.warns(UserWarning, match="ignored"):
+        WeCoLoRA.build_student(manifest, "deit_tiny", IMG, k=2, r=4)
     with pytest.raises(ValueError, match="blocks"):
         WeCoLoRA(MethodContext(manifest, student, IMG), k=4)  # 1 block, not 2
 

@@ -144,3 +144,48 @@ def test_hdf5_resume_writes_a_new_part(tmp_path):
     reader = open_reader(tmp_path / "c")
     assert reader.unit_files == {0: "part-000.h5", 1: "part-001.h5", 2: "part-001.h5", 3: "part-001.h5"}
     np.testing.assert_array_equal(reader.records()["seed"], records["seed"])
+
+
+def test_wds_shards_are_reproducible(tmp_path):
+    m = toy_manifest("wds", codec="blosc-zstd:3:shuffle")
+    for name in ("a", "b"):
+        write_toy(tmp_path / name, m, toy_targets(m), toy_records(m))
+    for shard in sorted((tmp_path / "a").glob("*.tar")):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["wds", "hdf5"])
+def test_refuses_foreign_directory(tmp_path, fmt):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(CacheError, match="not a featcache cache"):
+        create_writer(tmp_path / "mine", toy_manifest(fmt), format=fmt, overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("fmt,debris", [("wds", ".shard-000001.tar.tmp"), ("hdf5", "part-001.h5")])
+def test_debris_of_a_killed_writer_is_ignored(tmp_path, fmt, debris):
+    """A kill mid-unit leaves a torn temp tar / HDF5 part without a marker: resume redoes that unit."""
+    m = toy_manifest(fmt)
+    targets, records = toy_targets(m), toy_records(m)
+    write_toy(tmp_path / "c", m, targets, records, units=[0], finalize=False)
+    (tmp_path / "c" / debris).write_bytes(b"\x00torn" * 100)
+    writer = create_writer(tmp_path / "c", m, format=fmt)
+    assert writer.completed_units() == {0}
+    stored = encode_targets(targets, m["storage"])
+    for u in range(1, m.num_units):
+        writer.write_unit(u, unit_slice(m, stored, u), unit_slice(m, records, u))
+    writer.finalize()
+    reader = open_reader(tmp_path / "c")
+    for row in range(m.num_rows):
+        assert reader.read_stored_row(row)["block_0"].tobytes() == stored["block_0"][row].tobytes()
+
+
+def test_no_code_path_unpickles():
+    """Static guard: nothing in the package imports pickle or asks numpy/torch to unpickle."""
+    import featcache
+
+    banned = ("import pickle", "from pickle", "allow_pickle=True", "weights_only=False", "cloudpickle", "import dill")
+    root = Path(featcache.__file__).parent
+    hits = [f"{p.relative_to(root)}: {b}" for p in root.rglob("*.py") for b in banned if b in p.read_text()]
+    assert not hits, hits

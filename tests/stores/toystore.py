@@ -1,4 +1,5 @@
-"""Toy caches for the store tests (imported by tests/stores/test_*.py): a small manifest, random targets with outlier channels, records."""
+"""Toy caches for the store tests (imported by tests/stores/test_*.py): a small manifest, random targets with
+outlier channels, records."""
 from __future__ import annotations
 
 from pathlib import Path

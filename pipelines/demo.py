@@ -1,0 +1,28 @@
+"""The embedded demo as a pipeline script (the same as ``featcache demo``): digits -> teacher -> one cache ->
+sweep (CE-only, KD, NKD, ViTKD, ViTKD+NKD, online-teacher KD) -> report with an honest verdict.
+
+    python pipelines/demo.py --out featcache_demo          # about 10 minutes on 2 CPU cores
+    python pipelines/demo.py --quick --out /tmp/demo_quick  # every stage, tiny sizes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="featcache_demo", help="working directory (default featcache_demo)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks every stage in a minute or two")
+    p.add_argument("--jobs", type=int, default=None, help="student trainings at once (default: cores, at most 4)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin
+    from featcache.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out), jobs=args.jobs)
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
