@@ -134,11 +134,14 @@ def bench_one(root: Path, fmt: str, dtype: str, codec: str, topk: int | None, ta
     return row
 
 
-def stream_rate(reader, workers: int) -> float:
-    loader = torch.utils.data.DataLoader(reader.iterable_dataset(), batch_size=None, num_workers=workers)
+def stream_rate(reader, workers: int, batch: int = 32) -> float:
+    """Samples/s of the wds IterableDataset (shards split over the workers; first batch excluded)."""
+    loader = torch.utils.data.DataLoader(reader.iterable_dataset(), batch_size=batch, num_workers=workers)
+    it = iter(loader)
+    next(it)
     t, n = time.perf_counter(), 0
-    for _ in loader:
-        n += 1
+    for rows, _ in it:
+        n += len(rows)
     return n / max(time.perf_counter() - t, 1e-9)
 
 

@@ -123,8 +123,8 @@ def extract(ctx: click.Context, config_path: str | None, **options: Any) -> None
     values = merge_config(config_path, options, ctx)
     values["layers"] = parse_int_list(values.get("layers"))
     kwargs = values.pop("teacher_kwargs", None)
-    values["teacher_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) else (kwargs or {})
     try:
+        values["teacher_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) else (kwargs or {})
         path = run_extract(from_dict(ExtractConfig, values))
     except _stage1_errors() as err:
         raise click.ClickException(str(err)) from None

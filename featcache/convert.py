@@ -42,6 +42,10 @@ def convert_manifest(src: Manifest, format: str, dtype: str | None = None, codec
     shapes = {name: tuple(t["shape"]) for name, t in m["targets"].items()}
     m["storage"] = storage
     m["targets"] = {name: {"shape": list(shapes[name]), "encoding": target_encoding(name, storage)} for name in shapes}
+    for name, entry in m["targets"].items():  # an unchanged encoding keeps the error measured when it was made
+        old = src["targets"][name]
+        if old["encoding"] == entry["encoding"] and "measured_error" in old:
+            entry["measured_error"] = old["measured_error"]
     m["arrays"] = array_specs(shapes, storage)
     m.pop("num_units", None)
     m["complete"], m["skipped"] = False, []

@@ -29,6 +29,7 @@ from .stores.codecs import VERIFY_RTOL, array_specs, check_fp16_range, encode_ta
 from .teachers import Teacher, load_teacher, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
 
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
     if device == "auto":

@@ -41,7 +41,7 @@ def common(example, out) -> list[str]:
 
 def test_train_vitkd_end_to_end(example, tmp_path):
     out = tmp_path / "vitkd"
-    result = run(*common(example, out), "--method", "vitkd", "--method-arg", "student_shallow=[0, 1]")
+    result = run(*common(example, out), "--method", "vitkd", "--method-arg", "student_shallow=[0, 1]", "--workers", "1")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{"):])["steps"] == 2
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "student.safetensors", "student.json", "final.json"):

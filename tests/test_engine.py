@@ -84,6 +84,9 @@ def test_killed_mid_epoch_and_resumed_ends_with_the_same_weights(cache, tmp_path
     with pytest.raises(FileExistsError, match="--resume"):
         engine.train(config(cache, tmp_path / "killed", **kw))
     reset_accelerate()
+    with pytest.raises(ValueError, match=r"different settings.*\['lr'\]"):
+        engine.train(config(cache, tmp_path / "killed", resume=True, lr=0.5, **kw))
+    reset_accelerate()
     resumed = engine.train(config(cache, tmp_path / "killed", resume=True, **kw))
     assert resumed["steps"] == 6
     full = load_file(str(tmp_path / "full" / "student.safetensors"))
@@ -91,7 +94,8 @@ def test_killed_mid_epoch_and_resumed_ends_with_the_same_weights(cache, tmp_path
     assert full.keys() == again.keys()
     for key in full:
         assert torch.equal(full[key], again[key]), key
-    assert [r["loss"] for r in train_losses(tmp_path / "full")] == [r["loss"] for r in train_losses(tmp_path / "killed")]
+    losses = [r["loss"] for r in train_losses(tmp_path / "full")]
+    assert losses == [r["loss"] for r in train_losses(tmp_path / "killed")]
 
 
 def test_run_directory_contract_and_student_reload(cache, tmp_path):

@@ -209,3 +209,28 @@ def test_verify_detects_tampered_cache(folder, tmp_path):
     arr[:] = arr[:] * 1.5
     result = verify_cache(out, samples=4, device="cpu")
     assert not result["ok"] and not result["targets"]["block_1"]["ok"] and result["targets"]["block_0"]["ok"]
+
+
+def test_checkpoint_teacher_kwargs_and_negative_layers(folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from featcache.teachers import load_model, weights_sha256
+
+    kwargs = {"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3}
+    model = load_model("vit_tiny_patch16_224", pretrained=False, img_size=32, **kwargs)
+    torch.manual_seed(5)
+    for p in model.parameters():  # weights that differ from the seeded random init
+        p.data.normal_(0, 0.05)
+    ckpt = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    cfg = make_cfg(folder, tmp_path / "cache", teacher="vit_tiny_patch16_224", checkpoint=str(ckpt),
+                   teacher_kwargs=kwargs, layers=[0, -1], shots=1, dtype="bf16")
+    out = run_extract(cfg, progress=False)
+    m = open_reader(out).manifest
+    assert m.layers == [0, 3] and m["teacher"]["weights_sha256"] == weights_sha256(model)
+    assert m["targets"]["block_3"]["shape"] == [65, 48] and m["teacher_kwargs"] == kwargs
+    result = verify_cache(out, samples=4, device="cpu")
+    assert result["ok"] and 0 < result["targets"]["block_3"]["rel"] < 1e-2  # bf16 rounding, nothing more
+    with pytest.raises(ValueError, match="blocks 0..3"):
+        run_extract(make_cfg(folder, tmp_path / "c2", teacher="vit_tiny_patch16_224", teacher_kwargs=kwargs,
+                             layers=[4]), progress=False)

@@ -157,6 +157,7 @@ class WdsReader:
     streaming through :meth:`iter_rows` / :meth:`iterable_dataset`. Picklable: no open file survives pickling."""
 
     random_access: ClassVar[bool] = True
+    streaming: ClassVar[bool] = True  # iterable_dataset(): whole shards, split over nodes x workers
 
     def __init__(self, path: str):
         self.root = Path(path)

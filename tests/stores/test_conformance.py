@@ -112,8 +112,10 @@ def _check_loader(dataset, expected: list[dict], context: str) -> None:
 def test_pickled_reader_in_forked_workers(tmp_path, fmt):
     path, m, targets, records = _toy(tmp_path, fmt)
     write_toy(path, m, targets, records)
+    fresh = ForkingPickler.loads(ForkingPickler.dumps(open_reader(path)))  # pickled before any use
     reader = open_reader(path)
     expected = [{"row": r, **reader.read_row(r)} for r in range(m.num_rows)]  # handles now open in this process
+    _check_loader(RowDataset(fresh), expected, "fork")
     clone = ForkingPickler.loads(ForkingPickler.dumps(reader))
     _assert_same(clone.read_row(5), {k: v for k, v in expected[5].items() if k != "row"})
     _check_loader(RowDataset(clone), expected, "fork")

@@ -115,6 +115,8 @@ def test_convert_to_lossy_measures_error_within_bound(tmp_path, fmt, codec):
         got = np.abs(decoded.astype(np.float64) - targets[name]).max()
         assert got == pytest.approx(err["max_abs"], rel=1e-6) and 0 < err["rel_l2"] < 0.01
     assert report["logits"]["encoding"]["kind"] == "topk" and "not measured" not in format_report(report)
+    convert(tmp_path / "dst", tmp_path / "again", "zarr", progress=False)  # copied: the measured error stays
+    assert open_reader(tmp_path / "again").manifest["targets"] == reader.manifest["targets"]
     want = {"block_0", "block_0__scale"} if codec == "int8" else {"block_0"}
     assert report["block_0"]["bytes_per_view"] > 0 and set(report["block_0"]["arrays"]) == want
 
@@ -131,3 +133,20 @@ def test_convert_cli_and_report(tmp_path):
     assert bad.exit_code != 0 and "fp32 or fp16" in bad.output
     stored = encode_targets(toy_targets(m), m["storage"])
     assert decode_targets(stored, m)["logits"].dtype == np.float32
+
+
+@pytest.mark.slow
+def test_training_reads_every_backend_and_codec(extracted, tmp_path):
+    """Stage 2 reads lossy/top-k caches in any backend transparently (one short KD epoch each)."""
+    from train_helpers import STUDENT, reset_accelerate
+
+    from featcache.config import TrainConfig
+    from featcache.engine import train
+
+    convert(extracted["zarr"], tmp_path / "h", "hdf5", codec="int8+zstd", topk=5, progress=False)
+    for cache in (extracted["wds"], tmp_path / "h"):
+        reset_accelerate()
+        out = tmp_path / f"run_{abs(hash(str(cache)))}"
+        train(TrainConfig(cache=str(cache), out=str(out), method="kd", epochs=1, batch_size=4, workers=0, **STUDENT))
+        assert (out / "final.json").is_file()
+    reset_accelerate()
