@@ -11,8 +11,9 @@ Steps (all on CPU, a few minutes on 2 cores; nothing is downloaded):
      * the teacher itself (the upper bound).
 
 Usage:
-    python benchmarks/wecolora_probe.py --out bench_wecolora [--epochs 10] [--rank 16] [--views 8]
-Prints a table and writes ``<out>/wecolora_probe.json``.
+    python benchmarks/wecolora_probe.py --out bench_wecolora [--epochs 20] [--rank 32] [--blr 5e-3] [--seed 0]
+                                        [--variant weco_kd] [--lora-targets qv]
+Prints a table and writes ``wecolora_probe.json`` into the run directory.
 """
 from __future__ import annotations
 
@@ -37,12 +38,15 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_wecolora", help="working directory (digits, teacher, cache, runs)")
     p.add_argument("--k", type=int, default=2, help="depth reduction factor")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (the teacher is 96 wide)")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (the teacher is 96 wide)")
+    p.add_argument("--variant", default="lora", choices=["lora", "weco_kd"], help="weco_kd: WeCo+KD ablation")
+    p.add_argument("--lora-targets", default="all", choices=["all", "qv"], help="qv: standard-LoRA ablation")
     p.add_argument("--views", type=int, default=8, help="cached views per image")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--blr", type=float, default=1e-3, help="base lr; lr = blr * batch / 256 (WeCoLoRA)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blr", type=float, default=5e-3, help="base lr; lr = blr * batch / 256 (WeCoLoRA)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, batch order); the digits split, "
+                   "the teacher and the cache always use the demo's seed 0 so runs share them")
     p.add_argument("--name", default=None, help="run directory name under <out>/runs [wecolora_k{k}_r{rank}_...]")
     return p.parse_args()
 
@@ -55,14 +59,19 @@ def extract_cache(demo: DemoConfig, out: Path, views: int) -> str:
     return run_extract(cfg)
 
 
+def method_args(args: argparse.Namespace) -> dict:
+    return {"k": args.k, "r": args.rank, "variant": args.variant, "lora_targets": args.lora_targets}
+
+
 def run_dir(out: Path, args: argparse.Namespace) -> Path:
-    name = args.name or f"wecolora_k{args.k}_r{args.rank}_e{args.epochs}_blr{args.blr:g}_s{args.seed}"
+    name = args.name or (f"wecolora_{args.variant}_{args.lora_targets}_k{args.k}_r{args.rank}_e{args.epochs}"
+                         f"_blr{args.blr:g}_s{args.seed}")
     return out / "runs" / name
 
 
 def train_wecolora(cache: str, out: Path, args: argparse.Namespace) -> dict:
     cfg = TrainConfig(cache=cache, out=str(run_dir(out, args)), method="wecolora",
-                      method_args={"k": args.k, "r": args.rank}, student=MODEL, epochs=args.epochs,
+                      method_args=method_args(args), student=MODEL, epochs=args.epochs,
                       warmup_epochs=min(2.0, args.epochs / 5), batch_size=args.batch_size, lr=args.blr,
                       lr_base_batch=256, min_lr=0.0, betas=(0.9, 0.95), weight_decay=0.05, grad_clip=None,
                       ce_weight=0.0, seed=args.seed, workers=0, log_every=10, fingerprint_checks=4)
@@ -73,12 +82,12 @@ def save_step0_student(cache: str, out: Path, args: argparse.Namespace) -> Path:
     """The WeCoLoRA student before any training (B = 0), exported like a trained run (student.json included)."""
     wecolora = METHODS.get("wecolora")
     manifest = open_reader(cache).manifest
-    kwargs = {"k": args.k, "r": args.rank}
+    kwargs = method_args(args)
     student = wecolora.build_student(manifest, MODEL, int(manifest["img_size"]), **kwargs)
     from featcache.methods import MethodContext
 
     plain = wecolora(MethodContext(manifest, student, int(manifest["img_size"])), **kwargs).export_student(student)
-    run = out / "runs" / f"wecolora_step0_k{args.k}_r{args.rank}"
+    run = out / "runs" / f"wecolora_step0_k{args.k}"  # B = 0 / no LoRA: the same model for every rank
     run.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(run / "student.safetensors"))
     spec = dict(plain.featcache_spec, mean=list(plain.pretrained_cfg["mean"]), std=list(plain.pretrained_cfg["std"]))
@@ -90,7 +99,7 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    demo = DemoConfig(out=str(out), seed=args.seed)
+    demo = DemoConfig(out=str(out))  # seed 0: one digits split, one teacher, one cache for every run
     times = {}
     t0 = time.perf_counter()
     write_digits(out / "digits", demo.img_size, demo.test_fraction, demo.seed)
@@ -107,22 +116,22 @@ def main() -> None:
     run = run_dir(out, args)
     t0 = time.perf_counter()
     rows = {
-        "wecolora (trained, label-free)": run_probe(ProbeConfig(student=str(run), **probe)),
+        f"wecolora {args.variant} (trained, label-free)": run_probe(ProbeConfig(student=str(run), **probe)),
         "weight copy only (step 0)": run_probe(ProbeConfig(student=str(step0), **probe)),
         "random init, same shape": run_probe(ProbeConfig(student=str(run), random_init=True, **probe)),
         "teacher": run_probe(ProbeConfig(student=str(out / "teacher.safetensors"), model=MODEL, img_size=demo.img_size,
                                          model_kwargs=demo.teacher_kwargs(), **probe)),
     }
     times["probe_s"] = time.perf_counter() - t0
-    print(f"\nteacher {teacher['test_top1']:.1f} % supervised test top-1; WeCoLoRA k={args.k} r={args.rank}, "
+    print(f"\nteacher {teacher['test_top1']:.1f} % supervised test top-1; WeCoLoRA {method_args(args)}, "
           f"{args.epochs} epochs x {args.views} cached views, {final['steps']} steps")
-    print(f"{'student':<34} {'probe top-1':>11} {'wd':>8} {'dim':>5}")
+    print(f"{'student':<38} {'probe top-1':>11} {'wd':>8} {'dim':>5}")
     for name, r in rows.items():
-        print(f"{name:<34} {r['top1']:>10.2f}% {r['weight_decay']:>8g} {r['feature_dim']:>5}")
+        print(f"{name:<38} {r['top1']:>10.2f}% {r['weight_decay']:>8g} {r['feature_dim']:>5}")
     print("seconds:", {k: round(v, 1) for k, v in times.items()})
     summary = {"args": vars(args), "teacher_supervised_top1": teacher["test_top1"], "train_final": final,
                "probe_top1": {k: v["top1"] for k, v in rows.items()}, "seconds": times}
-    (out / "wecolora_probe.json").write_text(json.dumps(summary, indent=1, default=str))
+    (run_dir(out, args) / "wecolora_probe.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ class MetricsLog:
             writer.writerows(records)
 
 
-def export_student(task: DistillTask, out: Path, spec: dict[str, Any], mean: list[float], std: list[float]) -> None:
+def export_student(task: DistillTask, out: Path, spec: dict[str, Any], mean: list[float], std: list[float]
+                   ) -> dict[str, Any]:
     """Save the plain timm student (each method's ``export_student`` applied in turn) + ``student.json``.
 
     A method that changes the architecture (WeCoLoRA) sets ``featcache_spec`` on the model it returns
@@ -207,3 +208,4 @@ def export_student(task: DistillTask, out: Path, spec: dict[str, Any], mean: lis
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(state, str(out / "student.safetensors"), metadata={"model": str(spec["model"])})
     (out / "student.json").write_text(json.dumps({**spec, "mean": list(mean), "std": list(std)}, indent=1))
+    return spec

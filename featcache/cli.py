@@ -134,14 +134,17 @@ def extract(ctx: click.Context, config_path: str | None, **options: Any) -> None
 @main.command()
 @click.argument("cache", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(cache: str, as_json: bool) -> None:
-    """Summarise CACHE: manifest, counts, bytes on disk and the ratio to raw fp32 targets."""
+@click.option("--measure", default=8, show_default=True,
+              help="Views on which to measure lossy codecs' error (re-runs the teacher; 0: skip).")
+@click.option("--data", default=None, help="Source images, if they moved since extraction (for --measure).")
+def info(cache: str, as_json: bool, measure: int, data: str | None) -> None:
+    """Summarise CACHE: manifest, counts, bytes on disk, ratio to raw fp32, per-target codec and measured error."""
     import json
 
     from .extract import cache_info, format_info
 
     try:
-        summary = cache_info(cache)
+        summary = cache_info(cache, measure=measure, data_root=data)
     except _stage1_errors() as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps(summary, indent=1) if as_json else format_info(summary))
@@ -200,7 +203,7 @@ def convert(src: str, dst: str, format: str, dtype: str | None, codec: str | Non
         run_convert(src, dst, format, dtype=dtype, codec=codec, topk=topk, shard_size=shard_size, overwrite=overwrite)
     except (CacheError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"cache: {dst}\n{format_report(codec_report(dst))}")
+    click.echo(f"cache: {dst}\n{format_report(codec_report(dst, rerun_teacher=False))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

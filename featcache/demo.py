@@ -39,15 +39,16 @@ class DemoConfig:
     seed: int = 0
     teacher_width: int = 96
     teacher_depth: int = 4
-    teacher_epochs: int = 40
-    teacher_lr: float = 2e-3
+    teacher_epochs: int = 35
+    teacher_lr: float = 3e-3
+    teacher_batch_size: int = 128  # fewer, larger steps: ~2x the images/s of batch 64 on 2 CPU cores
     student_width: int = 48
     student_depth: int = 4
     heads: int = 3
-    views: int = 8
+    views: int = 6
     scale: tuple[float, float] = (0.35, 1.0)  # crops keep most of a digit (the 0.08 ImageNet default loses it)
     label_shots: int = 10
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
     warmup_epochs: float = 1.0
@@ -191,7 +192,7 @@ def train_teacher(cfg: DemoConfig, data: Path, path: Path, log: Callable[[str], 
     mean, std, interp = dcfg["mean"], dcfg["std"], dcfg["interpolation"]
     x_train, y_train = _load_split(data / "train")
     x_test, y_test = _eval_split(data / "test", cfg.img_size, interp)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(x_train) / cfg.teacher_batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.teacher_lr, total_steps=cfg.teacher_epochs * steps_per_epoch,
                                                 pct_start=0.1)
@@ -200,8 +201,8 @@ def train_teacher(cfg: DemoConfig, data: Path, path: Path, log: Callable[[str], 
         model.train()
         views = _teacher_views(x_train, cfg, epoch, interp)
         order = torch.randperm(len(views))
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+        for i in range(0, len(order), cfg.teacher_batch_size):
+            idx = order[i:i + cfg.teacher_batch_size]
             loss = F.cross_entropy(model(normalize(views[idx], mean, std)), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,7 +219,7 @@ def train_teacher(cfg: DemoConfig, data: Path, path: Path, log: Callable[[str], 
 
 def _teacher_settings(cfg: DemoConfig) -> dict[str, Any]:
     keys = ("img_size", "patch_size", "test_fraction", "seed", "teacher_width", "teacher_depth", "heads",
-            "teacher_epochs", "teacher_lr", "batch_size", "scale", "max_train")
+            "teacher_epochs", "teacher_lr", "teacher_batch_size", "scale", "max_train")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k in keys}
 
 

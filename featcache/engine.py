@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from .config import TrainConfig, save_yaml
@@ -117,14 +117,18 @@ def _check_same_run(path: Path, cfg: TrainConfig) -> None:
 
 def setup(cfg: TrainConfig, out: Path) -> Run:
     """Build everything (compat check first) and ``prepare`` it once."""
+    # Label-free methods leave the student head without gradients; DDP must be told some parameters may be unused.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with="tensorboard", project_dir=str(out))
+                              log_with="tensorboard", project_dir=str(out), kwargs_handlers=[ddp])
     set_seed(cfg.seed)
     reader = open_reader(cfg.cache)
     manifest = reader.manifest
     specs = resolve_methods(cfg, manifest)  # runs the compatibility check before anything is built
     img_size = int(manifest["img_size"])
     cfg = dataclasses.replace(cfg, img_size=img_size)
+    if cfg.resume:
+        _check_same_run(out / "config.yaml", cfg)  # every process, before the main one rewrites the file
     student = build_student(cfg, manifest, specs, img_size)
     task = build_task(cfg, manifest, student, specs, img_size)
     needed = sorted({t for _, cls, args, _ in specs for t in cls.required_targets(manifest, **args)})
@@ -139,16 +143,20 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     if cfg.online_teacher:
         costs.append("--online-teacher: a full teacher forward runs on every batch (no cache targets are read)")
     data_cfg = _student_data_config(accelerator.unwrap_model(task).student)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            _check_same_run(out / "config.yaml", cfg)
-        save_yaml(dataclasses.replace(cfg, ce_weight=accelerator.unwrap_model(task).ce_weight), out / "config.yaml")
-    accelerator.init_trackers("tensorboard")
+    _write_config(accelerator, out, dataclasses.replace(cfg, ce_weight=accelerator.unwrap_model(task).ce_weight))
     spec = {"model": cfg.student, "img_size": img_size, "num_classes": int(cfg.num_classes or
             manifest["teacher"]["num_classes"]), "model_kwargs": dict(cfg.student_kwargs)}
     return Run(cfg, out, accelerator, task, optimizer, scheduler, train_loader, eval_loader, dataset, sampler,
                data_cfg["mean"], data_cfg["std"], targets_fn, MetricsLog(out, accelerator), costs, spec)
+
+
+def _write_config(accelerator: Accelerator, out: Path, cfg: TrainConfig) -> None:
+    """The resolved config (image size, CE weight filled in), once every process has checked the old one."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    accelerator.init_trackers("tensorboard")
 
 
 def _costs(task: torch.nn.Module, accelerator: Accelerator) -> list[str]:
@@ -356,7 +364,8 @@ def finish(run: Run, state: RunState) -> dict[str, Any]:
               "steps": state.step, "method": run.cfg.method, "method_args": run.cfg.method_args,
               "student": run.cfg.student, "online_teacher_cost": run.costs}
     if acc.is_main_process:
-        export_student(acc.unwrap_model(run.task), run.out, run.student_spec, run.mean, run.std)
+        spec = export_student(acc.unwrap_model(run.task), run.out, run.student_spec, run.mean, run.std)
+        result["student"] = spec["model"]  # a method may build the student (e.g. WeCoLoRA: the cut teacher)
         run.log.to_csv()
         write_atomic(run.out / "final.json", json.dumps(result, indent=1).encode())
     acc.end_training()

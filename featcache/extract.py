@@ -334,8 +334,11 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def cache_info(path: str) -> dict[str, Any]:
-    """Summary of a cache (complete or not): manifest essentials, per-array bytes, ratio to raw fp32."""
+def cache_info(path: str, measure: int = 8, data_root: str | None = None) -> dict[str, Any]:
+    """Summary of a cache (complete or not): manifest essentials, per-array bytes, ratio to raw fp32, and per
+    target its codec, bytes per view, ratio to raw fp16 and (lossy codecs) the error measured on ``measure`` views."""
+    from .stores.report import codec_report
+
     reader = open_reader(path, require_complete=False)
     m = reader.manifest
     arrays = {}
@@ -358,6 +361,7 @@ def cache_info(path: str) -> dict[str, Any]:
         "skipped": list(m.get("skipped", [])), "arrays": arrays, "bytes_on_disk": total,
         "target_bytes": target_bytes, "raw_fp32_bytes": raw, "ratio_to_raw_fp32": target_bytes / raw if raw else None,
         "versions": m.get("versions", {}),
+        "codecs": codec_report(path, measure=measure, data_root=data_root),
     }
 
 
@@ -391,6 +395,10 @@ def format_info(info: dict[str, Any]) -> str:
     ratio = info["ratio_to_raw_fp32"]
     lines.append(f"bytes      {_human(info['bytes_on_disk'])} on disk; targets {_human(info['target_bytes'])} = "
                  f"{ratio:.3f} x raw fp32 ({_human(info['raw_fp32_bytes'])})")
+    if info.get("codecs"):
+        from .stores.report import format_report
+
+        lines += ["codecs", format_report(info["codecs"])]
     return "\n".join(lines)
 
 

@@ -25,21 +25,17 @@ import copy
 import dataclasses
 import inspect
 import itertools
-import multiprocessing
-import os
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
+from ._sweep import TrainFn, _train_one, execute  # noqa: F401  (_train_one: workers unpickle it by this name)
 from .config import ExtractConfig, TrainConfig, from_dict, load_yaml, to_dict
-
-TrainFn = Callable[[TrainConfig], dict]
 
 SPEC_KEYS = ("cache", "extract", "recipe", "base", "grid", "runs", "out")
 #: Written by the sweep into each run directory: the config it asked for (the engine's config.yaml is resolved).
@@ -222,17 +218,10 @@ def check_method_args(method: str, method_args: Mapping[str, Any]) -> None:
     Raises:
         ValueError: naming the unknown argument and listing the method's parameters.
     """
+    from ._engine import split_method_args  # the engine's own split, so the sweep checks what train will do
     from .methods import METHODS, parse_method_spec
 
-    names = [name for name, _ in parse_method_spec(method)]
-    if len(names) == 1 and not (set(method_args) == {names[0]} and isinstance(method_args[names[0]], Mapping)):
-        per_method = {names[0]: dict(method_args)}
-    else:
-        extra = sorted(set(method_args) - set(names))
-        if extra:
-            raise ValueError(f"method_args keys {extra} are not parts of method {method!r}; for a composite "
-                             f"method give one mapping per part, e.g. {{{names[0]!r}: {{...}}}}")
-        per_method = {n: dict(method_args.get(n) or {}) for n in names}
+    per_method = split_method_args([name for name, _ in parse_method_spec(method)], method_args)
     for name, args in per_method.items():
         params = [p for p in inspect.signature(METHODS.get(name).__init__).parameters if p not in ("self", "ctx")]
         unknown = sorted(set(args) - set(params))
@@ -343,17 +332,6 @@ def run_state(plan: RunPlan) -> str:
     return "resume" if any(plan.dir.glob("checkpoints/step_*/featcache_state.json")) else "new"
 
 
-def _train_one(config: TrainConfig, train_fn: TrainFn | None, threads: int | None) -> dict:
-    """Body of one run (also the worker entry point of ``--jobs N``: module level, so it pickles by name)."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    if train_fn is None:
-        from .engine import train as train_fn
-    return train_fn(config)
-
-
 def _prepare(plan: RunPlan, state: str) -> TrainConfig:
     """Record the run's config; clear what a run killed before its first checkpoint left; set ``resume``."""
     if state == "new" and plan.dir.is_dir():
@@ -399,66 +377,12 @@ def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | N
             log(f"[{p.name}] done, skipped")
     todo = [p for p in plans if states[p.name] != "done"]
     results = {p.name: "skipped" for p in plans if states[p.name] == "done"}
-    results.update(_execute(todo, states, jobs, train_fn, fail_fast, log))
+    results.update(execute(todo, states, _prepare, jobs, train_fn, fail_fast, log))
     paths = _finish(spec, plans, results, report, log)
     failed = {k: v for k, v in results.items() if v.startswith("failed")}
     if failed and raise_failures:
         raise SweepError(f"{len(failed)} of {len(plans)} run(s) failed: {failed}; re-run the sweep to retry them")
     return {"runs": results, "report": paths, "seconds": time.perf_counter() - start}
-
-
-def _execute(todo: list[RunPlan], states: Mapping[str, str], jobs: int, train_fn: TrainFn | None,
-             fail_fast: bool, log: Callable[[str], None]) -> dict[str, str]:
-    if not todo:
-        log("nothing to train: every run is finished")
-        return {}
-    if jobs <= 1 or len(todo) == 1:
-        return _execute_serial(todo, states, train_fn, fail_fast, log)
-    return _execute_parallel(todo, states, jobs, train_fn, fail_fast, log)
-
-
-def _execute_serial(todo, states, train_fn, fail_fast, log) -> dict[str, str]:
-    results = {}
-    for i, plan in enumerate(todo, 1):
-        log(f"[{plan.name}] {'resuming' if states[plan.name] == 'resume' else 'training'} ({i}/{len(todo)})")
-        try:
-            final = _train_one(_prepare(plan, states[plan.name]), train_fn, None)
-            results[plan.name] = "done"
-            log(f"[{plan.name}] done: top-1 {_fmt_top1(final)}")
-        except Exception as err:  # one broken run must not lose the others' work
-            results[plan.name] = f"failed: {type(err).__name__}: {err}"
-            log(f"[{plan.name}] FAILED: {type(err).__name__}: {err}")
-            if fail_fast:
-                raise
-    return results
-
-
-def _execute_parallel(todo, states, jobs, train_fn, fail_fast, log) -> dict[str, str]:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log(f"running {min(jobs, len(todo))} trainings at once, {threads} torch thread(s) each")
-    results = {}
-    context = multiprocessing.get_context("spawn")  # fork + torch threads can deadlock
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(_train_one, _prepare(p, states[p.name]), train_fn, threads): p for p in todo}
-        for future in as_completed(futures):
-            plan = futures[future]
-            try:
-                final = future.result()
-                results[plan.name] = "done"
-                log(f"[{plan.name}] done: top-1 {_fmt_top1(final)}")
-            except Exception as err:
-                results[plan.name] = f"failed: {type(err).__name__}: {err}"
-                log(f"[{plan.name}] FAILED: {type(err).__name__}: {err}")
-                if fail_fast:
-                    for f in futures:
-                        f.cancel()
-                    raise
-    return results
-
-
-def _fmt_top1(final: Any) -> str:
-    top1 = final.get("top1") if isinstance(final, Mapping) else None
-    return f"{top1:.2f}" if isinstance(top1, (int, float)) else "n/a"
 
 
 def _finish(spec: SweepSpec, plans: list[RunPlan], results: Mapping[str, str], report: bool,

@@ -90,3 +90,23 @@ def test_train_help_lists_every_config_field():
     for f in dataclasses.fields(TrainConfig):
         option = "--method-arg" if f.name == "method_args" else "--" + f.name.replace("_", "-")
         assert option in result.output, option
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_share_the_data_and_write_once(example, tmp_path):
+    """`featcache train` as launched by Accelerate/torchrun on 2 CPU processes (gloo): sharded batches, one writer."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "featcache.cli", "train",
+           *common(example, out), "--batch-size", "2", "--method", "vitkd+nkd", "--student-kwargs", '{"depth": 2}']
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"steps"') == 1, "only the main process prints the result"
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]  # 6 samples / 2 processes / batch 2
+    assert [r["kind"] for r in records].count("eval") == 1
+    assert json.loads((out / "final.json").read_text())["steps"] == 2

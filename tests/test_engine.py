@@ -134,6 +134,22 @@ def test_max_steps_and_bf16_mixed_precision_run(cache, tmp_path):
     assert result["steps"] == 2 and math.isfinite(train_losses(tmp_path / "bf16")[-1]["loss"])
 
 
+def test_gradient_accumulation_counts_optimizer_steps(cache, tmp_path):
+    result = engine.train(config(cache, tmp_path / "acc", method="kd", epochs=1, batch_size=1, grad_accum=2))
+    assert result["steps"] == 3  # 6 samples / batch 1 / 2 micro-batches per step
+
+
+def test_a_method_that_builds_the_student_exports_a_reloadable_model(cache, tmp_path):
+    out = tmp_path / "weco"
+    result = engine.train(config(cache, out, method="wecolora", method_args={"k": 6, "r": 4}, epochs=1,
+                                 student="teacher", student_kwargs={}))
+    spec = json.loads((out / "student.json").read_text())
+    assert result["student"] == spec["model"] != "deit_tiny" and spec["model_kwargs"]["depth"] == 2
+    model = teachers.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
+                                num_classes=spec["num_classes"], **spec["model_kwargs"])
+    model.load_state_dict(load_file(str(out / "student.safetensors")), strict=True)
+
+
 def test_scheduler_warms_up_then_follows_a_cosine_to_min_lr():
     model = torch.nn.Linear(2, 2)
     cfg = TrainConfig(cache="x", lr=1.0, min_lr=0.1, epochs=2, warmup_epochs=1, batch_size=1)
@@ -168,3 +184,35 @@ def test_method_args_split_single_and_composite():
     assert both == {"vitkd": {}, "nkd": {"gamma": 2}}
     with pytest.raises(ValueError, match="name.key=value"):
         split_method_args(["vitkd", "nkd"], {"gamma": 2})
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_the_same_weights(cache, tmp_path):
+    """A real `featcache train` process killed with SIGKILL after its first checkpoint, then `--resume`d."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "featcache.cli", "train", "--cache", cache["cache"], "--out", str(out),
+            "--method", "vitkd", "--student", "deit_tiny", "--student-kwargs", '{"depth": 4}', "--img-size", "32",
+            "--epochs", "8", "--batch-size", "2", "--workers", "0", "--seed", "3", "--checkpoint-every", "2",
+            "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("checkpoints/step_*/featcache_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final.json").exists()
+    subprocess.run([*args, "--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reset_accelerate()
+    engine.train(config(cache, tmp_path / "full", epochs=8, checkpoint_every=2))
+    full = load_file(str(tmp_path / "full" / "student.safetensors"))
+    again = load_file(str(out / "student.safetensors"))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert json.loads((out / "final.json").read_text())["steps"] == 24

@@ -63,7 +63,8 @@ def data(tmp_path_factory):
 
 
 def test_run_dir_probe_writes_probe_json(data):
-    cfg = ProbeConfig(student=str(data["run"]), data=data["train"], val=data["val"], steps=20, device="cpu")
+    cfg = ProbeConfig(student=str(data["run"]), data=data["train"], val=data["val"], steps=20, device="cpu",
+                      weight_decays=(1e-4, 1e-2))
     result = run_probe(cfg, progress=False)
     assert 0.0 <= result["top1"] <= 100.0
     assert result["feature_dim"] == 32 and result["num_train"] == 18 and result["num_val"] == 9
@@ -74,7 +75,7 @@ def test_run_dir_probe_writes_probe_json(data):
 def test_checkpoint_probe_equals_run_dir_probe_and_random_init_differs(data, tmp_path):
     ckpt = tmp_path / "student.pth"
     torch.save(data["model"].state_dict(), ckpt)
-    common = dict(data=data["train"], val=data["val"], steps=20, device="cpu")
+    common = dict(data=data["train"], val=data["val"], steps=20, device="cpu", weight_decays=(1e-3,))
     from_ckpt = run_probe(ProbeConfig(student=str(ckpt), model="vit_tiny_patch16_224", img_size=32,
                                       model_kwargs=KWARGS, **common), progress=False)
     from_run = run_probe(ProbeConfig(student=str(data["run"]), out=str(tmp_path / "p.json"), **common),

@@ -79,7 +79,7 @@ def test_run_names_are_readable_and_stable():
 @pytest.mark.parametrize("bad, match", [
     ({"grid": {"method": ["kd", "nope"]}}, "unknown method 'nope'"),
     ({"runs": [{"method": "kd", "method_args": {"temprature": 2}}]}, "no argument"),
-    ({"runs": [{"method": "vitkd+nkd", "method_args": {"kd": {}}}]}, "not parts of method"),
+    ({"runs": [{"method": "vitkd+nkd", "method_args": {"kd": {}}}]}, "name no method of vitkd"),
     ({"base": {"epochs": 1, "batch": 3}}, "unknown TrainConfig keys"),
     ({"runs": [{"name": "x"}, {"name": "x"}]}, "share the name"),
 ])
@@ -118,6 +118,7 @@ def test_sweep_never_builds_the_teacher_and_rerun_trains_nothing(cache, tmp_path
                     runs=[{"method": "ce"}, {"method": "kd"}, {"method": "nkd"}, {"method": "vitkd+nkd"}])
     result = run_sweep(spec, train_fn=rec, log=lines.append)
     assert "cache complete: the teacher will not be run" in lines[1]
+    assert "[method=kd] epoch 1/1: top-1" in "\n".join(lines)  # progress from metrics.jsonl
     assert sorted(n for n, _ in rec.calls) == sorted(result["runs"]) and len(rec.calls) == 4
     assert set(result["runs"].values()) == {"done"}
     for name in result["runs"]:
@@ -176,3 +177,12 @@ def test_spec_file_with_recipe(cache, tmp_path):
     run_sweep(spec_path, train_fn=rec, report=False, log=lambda s: None)
     saved = yaml.safe_load((tmp_path / "runs" / "lr=0.1" / "sweep_run.yaml").read_text())
     assert saved["method"] == "nkd" and saved["epochs"] == 1 and rec.calls == [("lr=0.1", False)]
+
+
+def test_paper_sweep_spec_expands(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    spec = SweepSpec.load("pipelines/paper_sweep.yaml")
+    plans = {p.name: p.config for p in expand_runs(spec)}
+    assert len(plans) == 5 and plans["vitkd_deit_tiny_from_deit3_small_nkd"].method == "vitkd+nkd"
+    assert all(c.epochs == 30 and c.cache == spec.cache and c.lr == 1e-3 for c in plans.values())
+    assert spec.extract["layers"] == [0, 1, 11] and spec.extract["teacher"] == "deit3_small"

@@ -1,9 +1,11 @@
 """Per-target storage report for ``featcache info``: codec, bytes per view, ratio to raw fp16, lossy error.
 
-Errors of lossy encodings come from, in order: ``manifest["targets"][name]["measured_error"]`` (recorded by
-``featcache convert``, measured on every row against the decoded source), or, when ``measure > 0``, a fresh
-measurement on ``measure`` random views: the views are replayed from the source images and the teacher is
-re-run (``featcache.extract.verify_cache``), so it needs the data and the teacher weights.
+Errors of lossy feature encodings (bitround, int8) come from, in order:
+``manifest["targets"][name]["measured_error"]`` (recorded by ``featcache convert``, measured on every row
+against the decoded source), or, when ``measure > 0``, a fresh measurement on ``measure`` random views: the
+views are replayed from the source images and the teacher is re-run (``featcache.extract.verify_cache``), so it
+needs the data and the teacher weights (if they are not reachable the report says why instead).
+Top-k logits report the leftover probability mass (what top-k drops) over ``measure`` views, read from the cache.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from .base import open_reader
-from .codecs import stored_names
+from .codecs import bf16_bits_to_float, stored_names, topk_probs
 
-LOSSY_KINDS = ("bitround", "int8", "topk")
+LOSSY_KINDS = ("bitround", "int8")
 
 
 def _disk_bytes(path: Path) -> int:
@@ -32,15 +34,20 @@ def array_nbytes(reader: Any, path: str | os.PathLike) -> dict[str, int]:
     return {name: _disk_bytes(Path(path) / name) for name in reader.manifest["arrays"]}
 
 
-def codec_report(path: str | os.PathLike, measure: int = 0, data_root: str | None = None,
-                 device: str = "cpu") -> dict[str, dict[str, Any]]:
+def codec_report(path: str | os.PathLike, measure: int = 8, data_root: str | None = None, device: str = "cpu",
+                 rerun_teacher: bool = True) -> dict[str, dict[str, Any]]:
     """Target name -> {encoding, arrays{name: dtype, compressor, bytes_per_view}, bytes_per_view,
-    ratio_to_fp16, bound, measured_error}; ``ratio_to_fp16`` = stored bytes / dense fp16 bytes."""
+    ratio_to_fp16, bound, measured_error}; ``ratio_to_fp16`` = stored bytes / dense fp16 bytes.
+
+    Args:
+        measure: views sampled for errors not recorded in the manifest (0: none).
+        rerun_teacher: allow the teacher re-run that measuring a lossy feature codec needs.
+    """
     reader = open_reader(path, require_complete=False)
     m = reader.manifest
     rows = max(m.num_rows, 1)
     nbytes = array_nbytes(reader, path)
-    measured = _measure(path, m, measure, data_root, device)
+    measured = _measure(path, m, measure if rerun_teacher else 0, data_root, device) | _topk_leftover(reader, measure)
     out = {}
     for name, target in m["targets"].items():
         enc = target["encoding"]
@@ -64,10 +71,28 @@ def _measure(path: str | os.PathLike, m: Any, measure: int, data_root: str | Non
 
     try:
         res = verify_cache(str(path), samples=measure, device=device, data_root=data_root)
-    except (OSError, RuntimeError, ValueError) as e:
-        return {n: {"error": f"not measured: {e}"} for n in lossy}
+    except Exception as e:  # info must still print: say why the error could not be measured
+        return {n: {"error": f"not measured ({type(e).__name__}: {e})"} for n in lossy}
     return {n: {"rel_l2": res["targets"][n]["rel"], "max_abs": res["targets"][n]["max_abs"],
                 "rows": len(res["rows"]), "reference": "teacher re-run on replayed views"} for n in lossy}
+
+
+def _topk_leftover(reader: Any, measure: int) -> dict[str, dict[str, Any]]:
+    m = reader.manifest
+    names = [n for n, t in m["targets"].items() if t["encoding"]["kind"] == "topk"]
+    if not names or not measure or not m.complete:
+        return {}
+    rows = np.random.default_rng(0).choice(m.num_rows, size=min(measure, m.num_rows), replace=False)
+    out = {}
+    for name in names:
+        stored = [reader.read_stored_row(int(r), stored_names(m, [name])) for r in rows]
+        values = np.stack([s[f"{name}__topk_values"] for s in stored])
+        if m["targets"][name]["encoding"]["dtype"] == "bf16":
+            values = bf16_bits_to_float(values)
+        leftover = topk_probs(values.astype(np.float32))[1]
+        out[name] = {"leftover_mean": float(leftover.mean()), "leftover_max": float(leftover.max()),
+                     "rows": len(rows)}
+    return out
 
 
 def format_report(report: dict[str, dict[str, Any]]) -> str:
@@ -80,7 +105,12 @@ def format_report(report: dict[str, dict[str, Any]]) -> str:
         comp = next(iter(r["arrays"].values()))["compressor"] or {"name": "none"}
         comp_s = ":".join(str(v) for v in comp.values())
         err = r["measured_error"]
-        err_s = ("-" if not err else err.get("error") or f"relL2 {err['rel_l2']:.3g} max {err['max_abs']:.3g}")
+        if not err:
+            err_s = "-"
+        elif "leftover_mean" in err:
+            err_s = f"leftover mass mean {err['leftover_mean']:.3g} max {err['leftover_max']:.3g}"
+        else:
+            err_s = err.get("error") or f"relL2 {err['rel_l2']:.3g} max {err['max_abs']:.3g}"
         lines.append(f"{name:<12} {enc_s:<22} {comp_s:<26} {r['bytes_per_view']:>11.0f} {r['ratio_to_fp16']:>8.3f}  "
                      f"{err_s}")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _decompress(data: bytes) -> bytes:
+def _unblosc(data: bytes) -> bytes:
     import numcodecs
 
     return bytes(numcodecs.Blosc().decode(data))
@@ -54,7 +54,7 @@ def _unzstd(data: bytes) -> bytes:
 DECODERS: dict[str, Callable[[bytes], Any]] = {
     "npy": _load_npy,
     "npy.zst": lambda b: _load_npy(_unzstd(b)),
-    "npy.blosc": lambda b: _load_npy(_decompress(b)),
+    "npy.blosc": lambda b: _load_npy(_unblosc(b)),
     "json": lambda b: json.loads(b.decode("utf-8")),
 }
 
@@ -94,7 +94,7 @@ def _npy_bytes(value: np.ndarray, compressor) -> bytes:
 
 
 def _record_json(records: Mapping[str, np.ndarray], i: int) -> bytes:
-    rec = {k: (v[i].tolist()) for k, v in records.items()}
+    rec = {k: v[i].tolist() for k, v in records.items()}
     return json.dumps(rec, sort_keys=True).encode()
 
 
@@ -119,8 +119,9 @@ class WdsWriter:
         rows = self.manifest.unit_rows(unit)
         members = self._member_names()
         pattern = str(self.root / ".shard-%06d.tar.tmp")
+        # One tar per unit (maxcount > rows); mtime 0 makes shard bytes reproducible; post renames when complete.
         with wds.ShardWriter(pattern, maxcount=n + 1, maxsize=float("inf"), start_shard=unit, verbose=0,
-                             encoder=False, mtime=0.0, post=self._publish) as sink:  # mtime 0: reproducible shard bytes
+                             encoder=False, mtime=0.0, post=self._publish) as sink:
             for i, row in enumerate(rows):
                 sample = {"__key__": row_key(self.manifest, row), "records.json": _record_json(records, i)}
                 for name, (ext, codec) in members.items():

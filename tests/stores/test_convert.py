@@ -150,3 +150,13 @@ def test_training_reads_every_backend_and_codec(extracted, tmp_path):
         train(TrainConfig(cache=str(cache), out=str(out), method="kd", epochs=1, batch_size=4, workers=0, **STUDENT))
         assert (out / "final.json").is_file()
     reset_accelerate()
+
+
+def test_report_without_reference_says_why(tmp_path):
+    m = toy_manifest("wds", codec="int8", topk=4)
+    write_toy(tmp_path / "c", m, toy_targets(m), toy_records(m))
+    report = codec_report(tmp_path / "c", measure=4)
+    assert report["block_0"]["measured_error"]["error"].startswith("not measured")
+    left = report["logits"]["measured_error"]
+    assert left["rows"] == 4 and 0 < left["leftover_mean"] <= left["leftover_max"] < 1
+    assert "leftover mass" in format_report(report) and "not measured" in format_report(report)
