@@ -18,6 +18,7 @@ Prints a table and writes ``wecolora_probe.json`` into the run directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from featcache.engine import train
 from featcache.extract import run_extract
 from featcache.methods import METHODS
 from featcache.probe import ProbeConfig, run_probe
-from featcache.stores.base import open_reader
+from featcache.stores.base import CacheError, open_reader
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,7 +57,11 @@ def extract_cache(demo: DemoConfig, out: Path, views: int) -> str:
                         pretrained=False, checkpoint=str(out / "teacher.safetensors"), img_size=demo.img_size,
                         num_classes=10, teacher_kwargs=demo.teacher_kwargs(), layers=[-1], views=views,
                         seed=demo.seed, scale=(0.2, 1.0), hflip=0.0, batch_size=128, workers=0, device="cpu")
-    return run_extract(cfg)
+    try:
+        return run_extract(cfg)
+    except CacheError as err:  # the demo retrained its teacher (its settings changed): this cache is stale
+        print(f"re-extracting: {err}")
+        return run_extract(dataclasses.replace(cfg, overwrite=True))
 
 
 def method_args(args: argparse.Namespace) -> dict:

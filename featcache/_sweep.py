@@ -42,6 +42,7 @@ class ProgressMonitor(threading.Thread):
         self.plans, self.log, self.interval = plans, log, interval
         self.offsets = {p.name: 0 for p in plans}
         self.halt = threading.Event()
+        self.lock = threading.Lock()  # poll() runs on this thread and, before "done" lines, on the caller's
 
     def run(self) -> None:
         while not self.halt.wait(self.interval):
@@ -53,20 +54,24 @@ class ProgressMonitor(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        for plan in self.plans:
-            path = plan.dir / "metrics.jsonl"
-            try:
-                size = path.stat().st_size
-                start = self.offsets[plan.name] if size >= self.offsets[plan.name] else 0  # truncated on resume
-                with open(path, "rb") as fh:
-                    fh.seek(start)
-                    data = fh.read()
-            except OSError:
-                continue
-            end = data.rfind(b"\n") + 1  # only whole lines: the engine may be mid-write
-            self.offsets[plan.name] = start + end
-            for line in data[:end].decode(errors="replace").splitlines():
-                self._show(plan, line)
+        with self.lock:
+            for plan in self.plans:
+                self._poll_one(plan)
+
+    def _poll_one(self, plan: "RunPlan") -> None:
+        path = plan.dir / "metrics.jsonl"
+        try:
+            size = path.stat().st_size
+            start = self.offsets[plan.name] if size >= self.offsets[plan.name] else 0  # truncated on resume
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # only whole lines: the engine may be mid-write
+        self.offsets[plan.name] = start + end
+        for line in data[:end].decode(errors="replace").splitlines():
+            self._show(plan, line)
 
     def _show(self, plan: "RunPlan", line: str) -> None:
         try:
@@ -86,10 +91,15 @@ def execute(todo: list["RunPlan"], states: Mapping[str, str], prepare: Prepare, 
         return {}
     monitor = ProgressMonitor(todo, log)
     monitor.start()
+
+    def ordered_log(message: str) -> None:  # a run's last epochs first, then its result line
+        monitor.poll()
+        log(message)
+
     try:
         if jobs <= 1 or len(todo) == 1:
-            return _execute_serial(todo, states, prepare, train_fn, fail_fast, log)
-        return _execute_parallel(todo, states, prepare, jobs, train_fn, fail_fast, log)
+            return _execute_serial(todo, states, prepare, train_fn, fail_fast, ordered_log)
+        return _execute_parallel(todo, states, prepare, jobs, train_fn, fail_fast, ordered_log)
     finally:
         monitor.stop()
 

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import json
 import re
 import shutil
 import time
@@ -34,7 +35,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from ._sweep import TrainFn, _train_one, execute  # noqa: F401  (_train_one: workers unpickle it by this name)
+from ._sweep import TrainFn, execute
 from .config import ExtractConfig, TrainConfig, from_dict, load_yaml, to_dict
 
 SPEC_KEYS = ("cache", "extract", "recipe", "base", "grid", "runs", "out")
@@ -76,7 +77,7 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], root: str | Path = ".") -> "SweepSpec":
-        """Validate the spec's keys and merge its recipe into ``base`` (recipe paths are relative to ``root``)."""
+        """Validate the spec's keys and read its recipes (relative paths: the working directory, then ``root``)."""
         unknown = sorted(set(spec) - set(SPEC_KEYS))
         if unknown:
             raise SweepError(f"unknown sweep spec keys {unknown}; known keys: {list(SPEC_KEYS)}")
@@ -269,10 +270,23 @@ def extract_mismatch(extract: ExtractConfig, manifest: Mapping[str, Any]) -> lis
         "subset_seed": (extract.subset_seed, subset.get("subset_seed", extract.subset_seed)),
         "views": (extract.views, views.get("count")),
         "seed": (extract.seed, views.get("seed", extract.seed)),
+        "view recipe": (_view_recipe(extract, manifest), views.get("recipe")),
         "format": (extract.format, storage.get("format", extract.format)),
         "dtype": (extract.dtype, storage.get("dtype", extract.dtype)),
     }
     return [k for k, (want, have) in checks.items() if want != have]
+
+
+def _view_recipe(extract: ExtractConfig, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The view recipe ``extract`` would record, built from the manifest's geometry (no teacher needed)."""
+    from .views import default_recipe
+
+    interpolation = manifest.get("normalization", {}).get("interpolation")
+    if interpolation is None or manifest.get("img_size") is None:
+        return manifest.get("views", {}).get("recipe")  # nothing to compare against: not a mismatch
+    recipe = default_recipe(int(extract.img_size or manifest["img_size"]), extract.scale, extract.ratio, extract.hflip,
+                            extract.color_jitter, interpolation=interpolation)
+    return json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as the manifest stores them
 
 
 def _abs(path: str | None) -> str | None:

@@ -186,3 +186,12 @@ def test_paper_sweep_spec_expands(monkeypatch):
     assert len(plans) == 5 and plans["vitkd_deit_tiny_from_deit3_small_nkd"].method == "vitkd+nkd"
     assert all(c.epochs == 30 and c.cache == spec.cache and c.lr == 1e-3 for c in plans.values())
     assert spec.extract["layers"] == [0, 1, 11] and spec.extract["teacher"] == "deit3_small"
+
+
+def test_complete_cache_made_differently_is_refused(cache, tmp_path):
+    extract = {"data": str(cache.parent / "images"), "teacher": "deit3_small", "pretrained": False, "img_size": 32,
+               "teacher_kwargs": {"depth": 3}, "layers": [0, 1, -1], "views": 3, "hflip": 0.0}
+    rec = Recorder()
+    with pytest.raises(SweepError, match=r"different \['views', 'view recipe'\]"):
+        run_sweep(spec_for(cache, tmp_path / "runs", extract=extract), train_fn=rec, log=lambda s: None)
+    assert rec.calls == []
