@@ -1,4 +1,5 @@
-"""The sweep's runners: one training per run, in this process or in ``--jobs N`` worker processes, with progress.
+"""The sweep's machinery: the cache check (read from the manifest, never from a teacher) and the runners (one
+training per run, in this process or in ``--jobs N`` worker processes, with progress).
 
 Private to :mod:`featcache.sweep`; split out to keep each module small.
 """
@@ -9,15 +10,72 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .config import TrainConfig
+from .config import ExtractConfig, TrainConfig
 
 if TYPE_CHECKING:
     from .sweep import RunPlan
 
 TrainFn = Callable[[TrainConfig], dict]
 Prepare = Callable[["RunPlan", str], TrainConfig]
+
+
+def cache_status(path: str | Path) -> tuple[bool, Any]:
+    """``(complete, manifest)`` of the cache at ``path``; ``(False, None)`` if there is none."""
+    from .stores.base import CacheError, open_reader
+
+    if not Path(path).exists():
+        return False, None
+    try:
+        reader = open_reader(path, require_complete=False)
+    except CacheError:
+        return False, None
+    return reader.manifest.complete, reader.manifest
+
+
+def extract_mismatch(extract: ExtractConfig, manifest: Mapping[str, Any]) -> list[str]:
+    """Fields of an extraction config that disagree with an existing cache's manifest, read without a teacher.
+
+    Only what the config states is compared (``None`` fields, e.g. a default ``img_size``, are not).
+    """
+    teacher = manifest.get("teacher", {})
+    num_blocks = int(teacher.get("num_blocks", 0)) or 1
+    subset, views, storage = manifest.get("subset", {}), manifest.get("views", {}), manifest.get("storage", {})
+    checks = {
+        "teacher": (extract.teacher, teacher.get("name")),
+        "pretrained": (extract.pretrained, teacher.get("pretrained")),
+        "checkpoint": (_abs(extract.checkpoint), _abs(teacher.get("checkpoint"))),
+        "layers": (sorted(i % num_blocks for i in extract.layers), sorted(manifest.get("layers", []))),
+        "img_size": (extract.img_size, manifest.get("img_size") if extract.img_size is not None else None),
+        "shots": (extract.shots, subset.get("shots")),
+        "fraction": (extract.fraction, subset.get("fraction")),
+        "subset_seed": (extract.subset_seed, subset.get("subset_seed", extract.subset_seed)),
+        "views": (extract.views, views.get("count")),
+        "seed": (extract.seed, views.get("seed", extract.seed)),
+        "view recipe": (_view_recipe(extract, manifest), views.get("recipe")),
+        "format": (extract.format, storage.get("format", extract.format)),
+        "dtype": (extract.dtype, storage.get("dtype", extract.dtype)),
+    }
+    return [k for k, (want, have) in checks.items() if want != have]
+
+
+def _view_recipe(extract: ExtractConfig, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The view recipe ``extract`` would record, built from the manifest's geometry (no teacher needed)."""
+    from .views import default_recipe
+
+    interpolation = manifest.get("normalization", {}).get("interpolation")
+    if interpolation is None or manifest.get("img_size") is None:
+        return manifest.get("views", {}).get("recipe")  # nothing to compare against: not a mismatch
+    recipe = default_recipe(int(extract.img_size or manifest["img_size"]), extract.scale, extract.ratio, extract.hflip,
+                            extract.color_jitter, interpolation=interpolation)
+    return json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as the manifest stores them
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
 
 
 def _train_one(config: TrainConfig, train_fn: TrainFn | None, threads: int | None) -> dict:
@@ -41,8 +99,12 @@ class ProgressMonitor(threading.Thread):
         super().__init__(daemon=True)
         self.plans, self.log, self.interval = plans, log, interval
         self.offsets = {p.name: 0 for p in plans}
+        self.shown = {p.name: -1 for p in plans}  # last epoch printed: a resumed run's old records stay quiet
         self.halt = threading.Event()
         self.lock = threading.Lock()  # poll() runs on this thread and, before "done" lines, on the caller's
+        quiet, self.log = self.log, lambda message: None
+        self.poll()  # skip what killed runs logged before this sweep started
+        self.log = quiet
 
     def run(self) -> None:
         while not self.halt.wait(self.interval):
@@ -78,8 +140,10 @@ class ProgressMonitor(threading.Thread):
             record = json.loads(line)
         except json.JSONDecodeError:
             return
-        if record.get("kind") == "eval" and record.get("top1") is not None:
-            self.log(f"[{plan.name}] epoch {int(record.get('epoch', 0)) + 1}/{plan.config.epochs}: "
+        epoch = int(record.get("epoch", 0))
+        if record.get("kind") == "eval" and record.get("top1") is not None and epoch > self.shown[plan.name]:
+            self.shown[plan.name] = epoch
+            self.log(f"[{plan.name}] epoch {epoch + 1}/{plan.config.epochs}: "
                      f"top-1 {record['top1']:.1f} %")
 
 

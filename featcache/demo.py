@@ -293,7 +293,8 @@ def verdict(rows: list[dict[str, Any]], baseline: str = "ce-only") -> list[str]:
         if r["run"] == baseline or r.get("top1") is None:
             continue
         delta = r["top1"] - base
-        (better if delta > 0 else []).append(r["run"])
+        if delta > 0:
+            better.append(r["run"])
         lines.append(f"  {r['run']}: {r['top1']:.1f} % ({delta:+.1f} points vs {baseline} {base:.1f} %)")
     head = (f"{len(better)} of {len(lines)} distilled run(s) beat the CE-only baseline: {', '.join(better)}"
             if better else "no distilled run beat the CE-only baseline in this run")
@@ -324,13 +325,13 @@ def run_demo(cfg: DemoConfig | None = None, jobs: int | None = None, log: Callab
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch(log)
     data = out / "digits"
-    info = watch.stage("1/4 digits", lambda: write_digits(data, cfg.img_size, cfg.test_fraction, cfg.seed,
+    info = watch.stage("1/3 digits", lambda: write_digits(data, cfg.img_size, cfg.test_fraction, cfg.seed,
                                                             cfg.max_train))
     log(f"digits: {info['train']} train / {info['test']} test images, {cfg.img_size} px, in {data}")
-    teacher = watch.stage("2/4 teacher", lambda: ensure_teacher(cfg, data, out, log))
+    teacher = watch.stage("2/3 teacher", lambda: ensure_teacher(cfg, data, out, log))
     spec = demo_spec(cfg, out, out / "teacher.safetensors")
     jobs = jobs or min(os.cpu_count() or 1, 4)
-    result = watch.stage("3/4 extract once + sweep", lambda: run_sweep(spec, jobs=jobs, raise_failures=False,
+    result = watch.stage("3/3 extract once + sweep", lambda: run_sweep(spec, jobs=jobs, raise_failures=False,
                                                                                  log=log))
     rows = [summarize_run(Path(spec.out) / name).row for name in result["runs"]]
     lines = verdict(rows)

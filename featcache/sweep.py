@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import inspect
 import itertools
-import json
 import re
 import shutil
 import time
@@ -35,7 +34,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from ._sweep import TrainFn, execute
+from ._sweep import TrainFn, cache_status, execute, extract_mismatch
 from .config import ExtractConfig, TrainConfig, from_dict, load_yaml, to_dict
 
 SPEC_KEYS = ("cache", "extract", "recipe", "base", "grid", "runs", "out")
@@ -238,61 +237,6 @@ def _check_method(config: TrainConfig) -> None:
 # Stage 1: make sure the cache exists (and never build the teacher when it does)
 # --------------------------------------------------------------------------------------------------------------
 
-def cache_status(path: str | Path) -> tuple[bool, Any]:
-    """``(complete, manifest)`` of the cache at ``path``; ``(False, None)`` if there is none."""
-    from .stores.base import CacheError, open_reader
-
-    if not Path(path).exists():
-        return False, None
-    try:
-        reader = open_reader(path, require_complete=False)
-    except CacheError:
-        return False, None
-    return reader.manifest.complete, reader.manifest
-
-
-def extract_mismatch(extract: ExtractConfig, manifest: Mapping[str, Any]) -> list[str]:
-    """Fields of an extraction config that disagree with an existing cache's manifest, read without a teacher.
-
-    Only what the config states is compared (``None`` fields, e.g. a default ``img_size``, are not).
-    """
-    teacher = manifest.get("teacher", {})
-    num_blocks = int(teacher.get("num_blocks", 0)) or 1
-    subset, views, storage = manifest.get("subset", {}), manifest.get("views", {}), manifest.get("storage", {})
-    checks = {
-        "teacher": (extract.teacher, teacher.get("name")),
-        "pretrained": (extract.pretrained, teacher.get("pretrained")),
-        "checkpoint": (_abs(extract.checkpoint), _abs(teacher.get("checkpoint"))),
-        "layers": (sorted(i % num_blocks for i in extract.layers), sorted(manifest.get("layers", []))),
-        "img_size": (extract.img_size, manifest.get("img_size") if extract.img_size is not None else None),
-        "shots": (extract.shots, subset.get("shots")),
-        "fraction": (extract.fraction, subset.get("fraction")),
-        "subset_seed": (extract.subset_seed, subset.get("subset_seed", extract.subset_seed)),
-        "views": (extract.views, views.get("count")),
-        "seed": (extract.seed, views.get("seed", extract.seed)),
-        "view recipe": (_view_recipe(extract, manifest), views.get("recipe")),
-        "format": (extract.format, storage.get("format", extract.format)),
-        "dtype": (extract.dtype, storage.get("dtype", extract.dtype)),
-    }
-    return [k for k, (want, have) in checks.items() if want != have]
-
-
-def _view_recipe(extract: ExtractConfig, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The view recipe ``extract`` would record, built from the manifest's geometry (no teacher needed)."""
-    from .views import default_recipe
-
-    interpolation = manifest.get("normalization", {}).get("interpolation")
-    if interpolation is None or manifest.get("img_size") is None:
-        return manifest.get("views", {}).get("recipe")  # nothing to compare against: not a mismatch
-    recipe = default_recipe(int(extract.img_size or manifest["img_size"]), extract.scale, extract.ratio, extract.hflip,
-                            extract.color_jitter, interpolation=interpolation)
-    return json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as the manifest stores them
-
-
-def _abs(path: str | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
-
-
 def ensure_cache(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
     """Use the sweep's cache as it is when complete (the teacher is not built); otherwise extract it first."""
     complete, manifest = cache_status(spec.cache)
@@ -346,11 +290,15 @@ def run_state(plan: RunPlan) -> str:
     return "resume" if any(plan.dir.glob("checkpoints/step_*/featcache_state.json")) else "new"
 
 
-def _prepare(plan: RunPlan, state: str) -> TrainConfig:
-    """Record the run's config; clear what a run killed before its first checkpoint left; set ``resume``."""
-    if state == "new" and plan.dir.is_dir():
-        for leftover in plan.dir.iterdir():  # partial logs without a checkpoint: start clean
+def _clear_partial(plan: RunPlan) -> None:
+    """A run killed before its first checkpoint left logs but nothing to resume from: start it clean."""
+    if plan.dir.is_dir():
+        for leftover in plan.dir.iterdir():
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def _prepare(plan: RunPlan, state: str) -> TrainConfig:
+    """Record the config the sweep asks for in the run directory; set ``resume``."""
     plan.dir.mkdir(parents=True, exist_ok=True)
     (plan.dir / SPEC_FILE).write_text(yaml.safe_dump(to_dict(plan.config), sort_keys=False))
     return dataclasses.replace(plan.config, resume=state == "resume")
@@ -390,6 +338,9 @@ def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | N
         if states[p.name] == "done":
             log(f"[{p.name}] done, skipped")
     todo = [p for p in plans if states[p.name] != "done"]
+    for plan in todo:
+        if states[plan.name] == "new":
+            _clear_partial(plan)
     results = {p.name: "skipped" for p in plans if states[p.name] == "done"}
     results.update(execute(todo, states, _prepare, jobs, train_fn, fail_fast, log))
     paths = _finish(spec, plans, results, report, log)

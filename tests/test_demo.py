@@ -44,7 +44,7 @@ def test_quick_demo_end_to_end(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--jobs", "2"])
     assert result.exit_code == 0, result.output
     text = result.output
-    for stage in ("1/4 digits", "2/4 teacher", "3/4 extract once + sweep", "verdict:", "report:", "plot:"):
+    for stage in ("1/3 digits", "2/3 teacher", "3/3 extract once + sweep", "verdict:", "report:", "plot:"):
         assert stage in text
     rows = {r["run"]: r for r in csv.DictReader(open(out / "runs" / "report.csv"))}
     assert set(rows) >= {"ce-only", "kd", "nkd", "vitkd", "vitkd+nkd", "kd-online-teacher"}

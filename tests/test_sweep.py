@@ -102,11 +102,23 @@ def test_sweep_never_builds_the_teacher_and_rerun_trains_nothing(cache, tmp_path
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was constructed")
 
+    import timm
+
     import featcache.extract
 
     for module in (teachers, featcache.extract):
         for name in ("load_teacher", "teacher_from_manifest"):
             monkeypatch.setattr(module, name, no_teacher, raising=False)
+    create_model = timm.create_model
+
+    def students_only(name, *args, **kwargs):  # every model construction path ends here, however it was imported
+        if name.startswith("deit3_small"):
+            no_teacher()
+        return create_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", students_only)
+    with pytest.raises(AssertionError, match="constructed"):  # the guard itself works
+        teachers.load_model("deit3_small", pretrained=False, img_size=32)
     from featcache.engine import train
 
     rec, lines = Recorder(train), []
