@@ -27,7 +27,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -167,22 +167,25 @@ def _split_wds_relpath(relpath: str) -> tuple[str, str]:
     return safe_relpath(shard), safe_relpath(member)
 
 
+def _safe_members(tar: tarfile.TarFile, path: str) -> Iterator[tarfile.TarInfo]:
+    """The regular-file members of an open shard, refusing the whole shard if any member name is unsafe."""
+    for info in tar:
+        try:
+            safe_relpath(info.name)
+        except CacheError as err:
+            raise CacheError(f"shard {path}: {err}") from None
+        if info.isfile():
+            yield info
+
+
 def _index_shard(path: str, shard: str) -> dict[str, tuple[int, int]]:
     """Member name -> (data offset, size) of the regular files in a tar shard, from its headers only."""
-    index: dict[str, tuple[int, int]] = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                try:
-                    safe_relpath(info.name)
-                except CacheError as err:
-                    raise CacheError(f"shard {path}: {err}") from None
-                if info.isfile():
-                    index[info.name] = (info.offset_data, info.size)
+            return {info.name: (info.offset_data, info.size) for info in _safe_members(tar, path)}
     except tarfile.ReadError as err:
         raise CacheError(f"cannot index shard {path}: {err}; only uncompressed .tar shards support random "
                          "access (decompress .tar.gz shards first)") from err
-    return index
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -239,13 +242,7 @@ def _scan_shard(path: str) -> tuple[list[tuple[str, int]], dict[str, tuple[int, 
     labels: dict[str, int] = {}
     offsets: dict[str, tuple[int, int]] = {}
     with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            try:
-                safe_relpath(info.name)
-            except CacheError as err:
-                raise CacheError(f"shard {path}: {err}") from None
-            if not info.isfile():
-                continue
+        for info in _safe_members(tar, path):
             offsets[info.name] = (info.offset_data, info.size)
             key, ext = _split_member(info.name)
             if "." + ext in IMG_EXTENSIONS and key not in images:  # the whole extension: not "seg.png" masks
