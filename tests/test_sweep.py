@@ -207,3 +207,15 @@ def test_complete_cache_made_differently_is_refused(cache, tmp_path):
     with pytest.raises(SweepError, match=r"different \['views', 'view recipe'\]"):
         run_sweep(spec_for(cache, tmp_path / "runs", extract=extract), train_fn=rec, log=lambda s: None)
     assert rec.calls == []
+
+
+def test_sweep_cli_reports_errors_cleanly(tmp_path):
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"cache": str(tmp_path / "none"), "out": str(tmp_path / "runs"),
+                                    "grid": {"method": ["kd", "nkd"]}}))
+    result = CliRunner().invoke(main, ["sweep", str(spec), "--jobs", "2"])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
