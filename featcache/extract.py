@@ -258,9 +258,13 @@ def extract_units(writer: StoreWriter, teacher: Teacher, loader: DataLoader, dev
             pending.result()
 
 
-def _collate_list(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Columns as plain lists: regrouping into units happens in the main process anyway."""
-    return {k: [it[k] for it in items] for k in items[0]}
+def _collate_list(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Columns as plain lists (regrouping into units happens in the main process anyway), except the images:
+    stacked in the worker, so a batch crosses the process boundary as one shared-memory tensor, not one per view
+    (per-view tensors cost ~1.7 ms each in file-descriptor passing, ~15 % of extraction time at 64 px on CPU)."""
+    columns: dict[str, Any] = {k: [it[k] for it in items] for k in items[0]}
+    columns["image"] = torch.stack(columns["image"])
+    return columns
 
 
 # ------------------------------------------------------------------------------------------------ verify
