@@ -146,28 +146,36 @@ def stream_rate(reader, workers: int, batch: int = 32) -> float:
 
 
 def zarr_comparison(path: Path, rounds: int = 2) -> dict:
-    """Random-order views/s: fast reader vs zarr-python ``open_array(...)[row]`` (arrays opened once, warm)."""
+    """Random-order views/s on the same Zarr files, warm: featcache's reader vs zarr-python
+    ``open_array(...)[row]`` vs tensorstore ``array[row].read().result()`` (arrays opened once for both)."""
+    import tensorstore as ts
     import zarr
 
     reader = open_reader(path)
     names = list(reader.manifest["arrays"])
-    arrays = {n: zarr.open_array(str(path / n), mode="r") for n in names}
-    order = np.random.default_rng(0).permutation(len(reader))
-    for row in order:  # warm both paths (page cache, shard indexes)
-        reader.read_stored_row(int(row)), [arrays[n][int(row)] for n in names]
-    fast = zpy = 0.0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for row in order:
-            reader.read_stored_row(int(row))
-        fast += time.perf_counter() - t
-        t = time.perf_counter()
-        for row in order:
-            for n in names:
-                np.asarray(arrays[n][int(row)])
-        zpy += time.perf_counter() - t
+    zarrs = {n: zarr.open_array(str(path / n), mode="r") for n in names}
+    stores = {n: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / n)}}).result()
+              for n in names}
+    readers = {
+        "fast": lambda row: reader.read_stored_row(row),
+        "zarr_python": lambda row: [np.asarray(zarrs[n][row]) for n in names],
+        "tensorstore": lambda row: [stores[n][row].read().result() for n in names],
+    }
+    order = [int(r) for r in np.random.default_rng(0).permutation(len(reader))]
+    seconds = dict.fromkeys(readers, 0.0)
+    for name, read in readers.items():
+        for row in order:  # warm each path (page cache, shard indexes)
+            read(row)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for row in order:
+                read(row)
+            seconds[name] += time.perf_counter() - t
     n = rounds * len(order)
-    return {"fast_views_s": n / fast, "zarr_python_views_s": n / zpy, "speedup": zpy / fast}
+    out = {f"{name}_views_s": n / s for name, s in seconds.items()}
+    out["speedup"] = seconds["zarr_python"] / seconds["fast"]
+    out["speedup_vs_tensorstore"] = seconds["tensorstore"] / seconds["fast"]
+    return out
 
 
 def train_step_rate(img_size: int, batch: int, steps: int = 3) -> float:
@@ -227,7 +235,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if cmp:
         print(f"\nzarr random-order reads, 1 process: fast reader {cmp['fast_views_s']:.0f} views/s vs zarr-python "
-              f"open_array[row] {cmp['zarr_python_views_s']:.0f} views/s -> {cmp['speedup']:.1f}x")
+              f"open_array[row] {cmp['zarr_python_views_s']:.0f} views/s -> {cmp['speedup']:.1f}x; vs tensorstore "
+              f"{cmp['tensorstore_views_s']:.0f} views/s -> {cmp['speedup_vs_tensorstore']:.1f}x")
     best = min(r["rand_samples_s"] for r in rows if r["format"] == "zarr") if cmp else None
     print(f"deit_tiny train step @ {args.img_size}px, batch {args.train_batch}, {torch.get_num_threads()} threads: "
           f"{train:.1f} samples/s" + (f"; slowest zarr random read with {args.workers} workers: {best:.0f} samples/s "
