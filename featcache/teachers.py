@@ -25,7 +25,9 @@ TEACHER_ALIASES: dict[str, str] = {
     "deit_tiny": "deit_tiny_patch16_224.fb_in1k",  # ViTKD student
     "deit_small": "deit_small_patch16_224.fb_in1k",  # ViTKD (DeiT-S teacher / student)
     "deit_base": "deit_base_patch16_224.fb_in1k",  # ViTKD student, ScaleKD student
-    "vit_base": "vit_base_patch16_224.augreg2_in21k_ft_in1k",  # WeCoLoRA (supervised ViT-B teacher)
+    # WeCoLoRA's supervised ViT-B: timm 0.3.2's default vit_base_patch16_224 weights, the original JAX
+    # in21k->in1k port (mean = std = 0.5), which timm now tags orig_in21k_ft_in1k.
+    "vit_base": "vit_base_patch16_224.orig_in21k_ft_in1k",
     "vit_base_mae": "vit_base_patch16_224.mae",  # WeCoLoRA (self-supervised MAE teacher)
     "swin_large": "swin_large_patch4_window7_224.ms_in22k_ft_in1k",  # ScaleKD teacher
     "resnet50": "resnet50.a1_in1k",  # ScaleKD student
