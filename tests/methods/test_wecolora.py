@@ -165,19 +165,13 @@ def test_cli_extract_train_wecolora_then_probe(tmp_path):
     import json
 
     from click.testing import CliRunner
-    from helpers import make_image_folder
+    from helpers import cli_extract_tiny_vit, make_image_folder
 
     from featcache.cli import main
 
-    data = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=(36, 40))
+    data, _ = cli_extract_tiny_vit(tmp_path)
     val = make_image_folder(tmp_path / "val", classes=3, per_class=2, size=(36, 40), seed=1)
-    teacher_kwargs = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3})
     run = CliRunner().invoke
-    res = run(main, ["extract", "--data", str(data), "--out", str(tmp_path / "cache"), "--teacher",
-                     "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--num-classes", "3",
-                     "--teacher-kwargs", teacher_kwargs, "--layers", "-1", "--views", "2", "--workers", "0",
-                     "--device", "cpu"])
-    assert res.exit_code == 0, res.output
     res = run(main, ["train", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--method",
                      "wecolora", "--method-arg", "k=2", "--method-arg", "r=4", "--student", "teacher", "--epochs", "1",
                      "--max-steps", "2", "--batch-size", "4", "--workers", "0"])
