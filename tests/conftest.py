@@ -14,3 +14,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def clean_accelerate():
+    """Forget Accelerate's process-wide singletons around a test, so each in-process run starts as a new process
+    would (stage-2 tests request it with ``pytestmark = pytest.mark.usefixtures("clean_accelerate")``)."""
+    from train_helpers import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

@@ -7,7 +7,7 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
-from train_helpers import make_cache, make_val, reset_accelerate, single_thread
+from train_helpers import make_cache, make_val
 
 from featcache.cli import main, parse_method_args
 
@@ -15,17 +15,11 @@ from featcache.cli import main, parse_method_args
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_train")
-    with single_thread():
-        data, cache = make_cache(root)  # deit3_small --img-size 32 --layers 0,1,11 --views 2 --shots 2, 3 classes
+    data, cache = make_cache(root)  # deit3_small --img-size 32 --layers 0,1,11 --views 2 --shots 2, 3 classes
     return {"root": root, "cache": cache, "val": make_val(root)}
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    reset_accelerate()
-    with single_thread():
-        yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def run(*args: str):

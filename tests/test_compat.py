@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from train_helpers import STUDENT, make_cache, reset_accelerate, single_thread
+from train_helpers import STUDENT, make_cache, reset_accelerate
 
 from featcache import compat, engine
 from featcache.config import TrainConfig
@@ -13,17 +13,12 @@ from featcache.stores.base import open_reader
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("compat")
-    with single_thread():
-        _, full = make_cache(root, name="full", per_class=2)
-        _, last_only = make_cache(root, name="last_only", per_class=2, layers=[11])
+    _, full = make_cache(root, name="full", per_class=2)
+    _, last_only = make_cache(root, name="last_only", per_class=2, layers=[11])
     return {"root": root, "full": full, "last_only": last_only}
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def specs(*names: str, **args) -> list:

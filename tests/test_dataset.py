@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_image_folder, random_image
-from train_helpers import make_cache, single_thread
+from train_helpers import make_cache
 
 from featcache.data import open_source, source_from_manifest
 from featcache.dataset import (CachedViewDataset, EpochSampler, EvalDataset, ReplayDriftError, choose_view,
@@ -19,8 +19,7 @@ def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset")
     data = make_image_folder(root / "data", classes=3, per_class=3)
     (data / "class_1" / "img_9.png").write_bytes(b"not an image")  # skipped at extraction: its views are invalid
-    with single_thread():
-        _, path = make_cache(root, views=3, shots=None, skip_corrupt=True, teacher_kwargs={"depth": 2}, layers=[0, 1])
+    _, path = make_cache(root, views=3, shots=None, skip_corrupt=True, teacher_kwargs={"depth": 2}, layers=[0, 1])
     return {"root": root, "data": data, "cache": path}
 
 

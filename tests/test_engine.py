@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import STUDENT, make_cache, make_val, reset_accelerate, single_thread
+from train_helpers import STUDENT, make_cache, make_val, reset_accelerate
 
 from featcache import engine, teachers
 from featcache._engine import build_optimizer, build_scheduler, split_method_args
@@ -18,17 +18,11 @@ from featcache.methods import DistillTask
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    with single_thread():
-        data, path = make_cache(root)
+    data, path = make_cache(root)
     return {"root": root, "data": data, "cache": path, "val": make_val(root)}
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    reset_accelerate()
-    with single_thread():
-        yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("clean_accelerate")
 
 
 def config(cache, out, **kw) -> TrainConfig:

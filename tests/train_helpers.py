@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from helpers import make_image_folder
 
 # The done-when example of stage 1: deit3_small (random init) at 32 px, blocks 0,1,11, 2 views, 2 shots x 3 classes.
@@ -36,14 +35,3 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-class single_thread:
-    """Run torch on one thread: the test machine's cores are shared, and tiny models gain nothing from two."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self.threads)
