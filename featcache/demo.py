@@ -20,10 +20,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .sweep import SweepSpec
 
 MODEL = "vit_tiny_patch16_224"  # a timm ViT family; the kwargs below shrink it to the digits' size
 

@@ -239,15 +239,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _import_backends() -> None:
     # Backends register themselves on import; importing here keeps `open_reader` the one entry point.
-    from . import zarr_store  # noqa: F401
-    try:
-        from . import wds_store  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from . import hdf5_store  # noqa: F401
-    except ImportError:
-        pass
+    from . import hdf5_store, wds_store, zarr_store  # noqa: F401
 
 
 def open_reader(path: str | os.PathLike, format: str | None = None, require_complete: bool = True) -> StoreReader:
