@@ -132,7 +132,7 @@ class Meter:
 
     def update(self, parts: Mapping[str, torch.Tensor], images: int) -> None:
         for key, value in parts.items():
-            if key != "logits" and value.ndim == 0:
+            if value.ndim == 0:
                 value = value.detach().float()
                 self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1

@@ -5,8 +5,8 @@
    train split with featcache's own view recipe; saved as ``teacher.safetensors`` and reused by later demos.
 3. extract: the teacher runs ONCE over several views of every train image (labels kept in the cache).
 4. sweep: students (4 blocks, width 48) all trained from that one cache with only ``label_shots`` labels per
-   class (the rest of the train split is unlabelled): a CE-only baseline, KD, NKD, ViTKD, ViTKD+NKD, and
-   KD with the teacher run online for comparison. The CE baseline sees the same views and steps but can only
+   class (the rest of the train split is unlabelled): a CE-only baseline, KD, NKD, ViTKD, ViTKD+NKD, KD with
+   the teacher run online for comparison, and WeCoLoRA (the teacher's every 2nd block + LoRA, label-free). The CE baseline sees the same views and steps but can only
    learn from the labelled ones; the distilled students also learn from the teacher on the unlabelled ones,
    which is the few-shot setting these methods are for.
 5. report: the table, the plot and a verdict computed from the measured numbers.
@@ -245,14 +245,12 @@ def ensure_teacher(cfg: DemoConfig, data: Path, out: Path, log: Callable[[str], 
 # --------------------------------------------------------------------------------------------------------------
 
 def demo_runs(cfg: DemoConfig) -> list[dict[str, Any]]:
-    """The sweep's runs: the baseline, the cache-only methods, online KD, and WeCoLoRA when it is installed.
+    """The sweep's runs: the baseline, the cache-only methods, online KD, and WeCoLoRA (teacher-initialised, label-free).
 
     ViTKD's coefficients are *sums* over tokens and channels (METHODS.md §1.4): alpha 3e-5 and beta 3e-6 are
     tuned for 196 tokens x 384 channels. The demo teacher has 16 x 96, so both are scaled by
     (196 * 384) / (16 * 96) = 49 to give the losses the paper's per-element weight.
     """
-    from .methods import METHODS
-
     scale = (196 * 384) / ((cfg.img_size // cfg.patch_size) ** 2 * cfg.teacher_width)
     vitkd = {"alpha": 3e-5 * scale, "beta": 3e-6 * scale}
     kd = {"temperature": 2.0}
@@ -263,9 +261,8 @@ def demo_runs(cfg: DemoConfig) -> list[dict[str, Any]]:
             {"name": "vitkd+nkd", "method": "vitkd+nkd", "method_args": {"vitkd": vitkd}}]
     if cfg.online_kd:
         runs.append({"name": "kd-online-teacher", "method": "kd", "method_args": kd, "online_teacher": True})
-    if "wecolora" in METHODS:
-        # Label-free: the student is the teacher's every-2nd block + LoRA, regressing the cached last block.
-        runs.append({"name": "wecolora-teacher-init", "method": "wecolora", "method_args": {"k": 2, "r": 8}})
+    # Label-free: the student is the teacher's every-2nd block + LoRA, regressing the cached last block.
+    runs.append({"name": "wecolora-teacher-init", "method": "wecolora", "method_args": {"k": 2, "r": 8}})
     return runs
 
 

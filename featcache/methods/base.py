@@ -61,15 +61,16 @@ def student_forward(student: nn.Module, images: torch.Tensor, layers: list[int])
 
 
 def count_blocks(model: nn.Module) -> int:
-    """Number of feature blocks ``forward_intermediates`` indexes: ViT ``blocks``, CNN ``stages`` or feature_info."""
+    """Number of feature taps ``forward_intermediates`` indexes: timm's ``feature_info`` when the model has one
+    (it is what timm indexes: e.g. EfficientNet has 7 block groups but 5 taps), else ViT ``blocks`` / ``stages``."""
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info:
+        return len(info)
     for attr in ("blocks", "stages", "layers"):
         blocks = getattr(model, attr, None)
         if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
             return len(blocks)
-    info = getattr(model, "feature_info", None)
-    if info:
-        return len(info)
-    raise ValueError(f"cannot count the feature blocks of {type(model).__name__}: it has no blocks/stages/feature_info")
+    raise ValueError(f"cannot count the feature taps of {type(model).__name__}: it has no feature_info/blocks/stages")
 
 
 def resolve_layer(index: int, num_blocks: int) -> int:
@@ -150,7 +151,6 @@ class Method(nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"method {self.name!r} got unknown arguments {sorted(kwargs)}")
-        self.ctx_img_size = ctx.img_size
 
     @classmethod
     def required_targets(cls, manifest: Manifest, **kwargs: Any) -> list[str]:
@@ -229,13 +229,11 @@ class DistillTask(nn.Module):
             total = total + self.weights[name] * result["loss"]
             parts.update({f"{name}/{k}": v.detach() for k, v in result.items()})
         parts["loss"] = total
-        parts["logits"] = out.logits.detach()
         return parts
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy over labelled views only (``label == -1`` means unlabelled); 0 when none is labelled."""
-    keep = labels >= 0
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep], labels[keep], label_smoothing=label_smoothing)
+    # Sum over labelled rows / their count, not boolean indexing: no device->host sync in the training step.
+    total = F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=label_smoothing, reduction="sum")
+    return total / (labels >= 0).sum().clamp_min(1)

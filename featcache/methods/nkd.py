@@ -54,9 +54,11 @@ def nkd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tenso
     s_t = F.log_softmax(logits_s, dim=1).gather(1, index)
     t_t = F.softmax(logits_t, dim=1).gather(1, index)
     loss_t = -(t_t * s_t).mean()
-    keep = torch.ones_like(logits_s, dtype=torch.bool).scatter_(1, index, False)
-    log_q_s = F.log_softmax(logits_s[keep].view(b, c - 1) / temperature, dim=1)
-    q_t = F.softmax(logits_t[keep].view(b, c - 1) / temperature, dim=1)
+    # The C-1 non-target columns of each row, gathered (boolean indexing would sync the device every step).
+    cols = torch.arange(c - 1, device=logits_s.device).expand(b, -1)
+    non_target = cols + (cols >= index).long()
+    log_q_s = F.log_softmax(logits_s.gather(1, non_target) / temperature, dim=1)
+    q_t = F.softmax(logits_t.gather(1, non_target) / temperature, dim=1)
     loss_nt = -(q_t * log_q_s).sum(dim=1).mean() * temperature ** 2
     return loss_t, loss_nt
 

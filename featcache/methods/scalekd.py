@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..stores.base import Manifest, block_name
 from ..teachers import teacher_from_manifest
 from ._adapters import frozen_teacher_norm, grid_of, split_prefix
-from .base import METHODS, Method, MethodContext, StudentOutput, resolve_layer
+from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
 
 
 class CrossAttentionProjector(nn.Module):
@@ -168,9 +168,8 @@ class ScaleKD(Method):
         self.teacher_norm = frozen_teacher_norm(ctx) if t.get("final_norm") else nn.Identity()
         self.student_prefix = int(getattr(ctx.student, "num_prefix_tokens", 0))
         self._grid_hint = getattr(getattr(ctx.student, "patch_embed", None), "grid_size", None)
-        n_feats = _num_features(ctx.student)
-        self.layer = resolve_layer(student_layer, n_feats)
-        self.tpp_layer = self.layer if tpp_layer is None else resolve_layer(tpp_layer, n_feats)
+        self.layer = ctx.student_layer(student_layer)
+        self.tpp_layer = self.layer if tpp_layer is None else ctx.student_layer(tpp_layer)
         self.tpp = bool(tpp)
         heads = pick_heads(self.teacher_dim, num_heads)
         shapes = ctx.student_feature_shapes(sorted({self.layer, self.tpp_layer}))
@@ -222,7 +221,7 @@ class ScaleKD(Method):
 
     @classmethod
     def required_targets(cls, manifest: Manifest, kd_weight: float = 0.5, **kwargs: Any) -> list[str]:
-        last = [block_name(int(manifest["teacher"]["num_blocks"]) - 1)]
+        last = teacher_layer_targets(manifest, [-1])
         return last + (["logits"] if kd_weight else [])
 
     def student_layers(self) -> list[int]:
@@ -281,14 +280,3 @@ class ScaleKD(Method):
         out = self.tpp_norm(self.tpp_block(torch.cat([prefix, tokens], dim=1)))
         return out[:, self.teacher_prefix:]
 
-
-def _num_features(model: nn.Module) -> int:
-    """Number of feature taps of a timm model (``forward_intermediates`` indices), from ``feature_info``."""
-    info = getattr(model, "feature_info", None)
-    if isinstance(info, list) and info:
-        return len(info)
-    blocks = getattr(model, "blocks", None) or getattr(model, "stages", None)
-    if blocks is None:
-        raise ValueError(f"cannot find the feature taps of student {type(model).__name__}: it has no "
-                         "feature_info, blocks or stages")
-    return len(blocks)

@@ -38,7 +38,7 @@ import torch.nn as nn
 from ..stores.base import Manifest, block_name
 from ..teachers import load_model, teacher_from_manifest
 from ._adapters import frozen_teacher_norm
-from .base import METHODS, Method, MethodContext, StudentOutput
+from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
 
 VARIANTS = ("lora", "weco_kd")
 LORA_TARGETS = {"all": ("q", "k", "v", "proj", "fc1", "fc2"), "qv": ("q", "v")}
@@ -198,7 +198,7 @@ class WeCoLoRA(Method):
 
     @classmethod
     def required_targets(cls, manifest: Manifest, **kwargs: Any) -> list[str]:
-        return [block_name(int(manifest["teacher"]["num_blocks"]) - 1)]
+        return teacher_layer_targets(manifest, [-1])
 
     @classmethod
     def build_student(cls, manifest: Manifest, student_name: str, img_size: int, k: int = 2, r: int = 128,

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featcache.methods import METHODS, StudentOutput
 from featcache.methods.kd import kd_loss
@@ -27,7 +28,9 @@ def test_kd_matches_hand_kl_with_t2_and_batchmean():
     got = kd_loss(torch.tensor(ZS), torch.tensor(ZT), temperature=2.0)
     assert abs(got.item() - hand_kd(ZS, ZT, 2.0)) < 1e-6
     # Not the per-element 'mean' reduction (C times smaller) and not without T^2 (4 times smaller).
-    assert abs(got.item() - hand_kd(ZS, ZT, 2.0) / 3) > 1e-3
+    log_s, p_t = F.log_softmax(torch.tensor(ZS) / 2.0, dim=1), F.softmax(torch.tensor(ZT) / 2.0, dim=1)
+    assert abs(got.item() - F.kl_div(log_s, p_t, reduction="mean").item() * 4.0) > 1e-3
+    assert abs(got.item() - F.kl_div(log_s, p_t, reduction="batchmean").item()) > 1e-3
     assert abs(kd_loss(torch.tensor(ZS), torch.tensor(ZT), 1.0).item() - hand_kd(ZS, ZT, 1.0)) < 1e-6
 
 
