@@ -11,10 +11,8 @@ complete only after its data is durable, so a killed run resumes from the first 
 """
 from __future__ import annotations
 
-import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,6 +24,7 @@ from .config import ExtractConfig
 from .data import ImageDecodeError, ImageSource, open_source, select_subset, source_from_manifest, source_manifest_entry
 from .stores.base import FORMAT_VERSION, Manifest, StoreWriter, create_writer, open_reader
 from .stores.codecs import VERIFY_RTOL, array_specs, check_fp16_range, encode_targets, targets_section, verify_reference
+from .stores.report import disk_bytes
 from .teachers import Teacher, load_teacher, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
 
@@ -222,7 +221,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None
         if progress:
             print(f"cache {cfg.out} is already complete; nothing to do (--overwrite recomputes it)")
         return str(cfg.out)
-    todo = [u for u in range(manifest.num_units) if u not in writer.completed_units()][:max_units]
+    done = writer.completed_units()  # once: each call reads every unit marker
+    todo = [u for u in range(manifest.num_units) if u not in done][:max_units]
     rows = [r for u in todo for r in manifest.unit_rows(u)]
     dataset = ViewDataset(source, Recipe.from_dict(manifest["views"]["recipe"]), manifest["views"]["seed"],
                           manifest.views_per_sample, rows, cfg.skip_corrupt)
@@ -330,42 +330,33 @@ def _verify_report(m: Manifest, stats: dict[str, dict[str, float]], rows: list[i
 # ------------------------------------------------------------------------------------------------ info
 
 
-def disk_bytes(path: str | os.PathLike) -> int:
-    """Bytes of all files under ``path`` (or of the file itself)."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
 def cache_info(path: str, measure: int = 8, data_root: str | None = None) -> dict[str, Any]:
     """Summary of a cache (complete or not): manifest essentials, per-array bytes, ratio to raw fp32, and per
     target its codec, bytes per view, ratio to raw fp16 and (lossy codecs) the error measured on ``measure`` views."""
-    from .stores.report import codec_report
+    from .stores.report import array_nbytes, codec_report
 
     reader = open_reader(path, require_complete=False)
     m = reader.manifest
-    arrays = {}
-    for name, spec in m["arrays"].items():
-        where = Path(path) / name
-        arrays[name] = {"shape": [m.num_rows, *spec["shape"]], "dtype": spec["dtype"],
-                        "compressor": spec.get("compressor"), "bytes": disk_bytes(where) if where.exists() else None}
+    nbytes = array_nbytes(reader, path)  # every backend: zarr array dirs, tar member payloads, HDF5 storage
+    arrays = {name: {"shape": [m.num_rows, *spec["shape"]], "dtype": spec["dtype"],
+                     "compressor": spec.get("compressor"), "bytes": nbytes.get(name)}
+              for name, spec in m["arrays"].items()}
     raw = m.num_rows * sum(int(np.prod(t["shape"])) for t in m["targets"].values()) * 4
     total = disk_bytes(path)
-    target_bytes = sum(a["bytes"] or 0 for a in arrays.values()) or total
-    notes = reader.unit_notes() if hasattr(reader, "unit_notes") else []
+    target_bytes = sum(nbytes.values()) or total
+    notes = reader.unit_notes()
     t = m["teacher"]
     return {
         "path": str(path), "format": m["storage"]["format"], "complete": m.complete,
         "teacher": {k: t.get(k) for k in ("name", "timm_name", "pretrained", "checkpoint", "weights_sha256")},
         "layers": m.layers, "img_size": m["img_size"], "views": m.views_per_sample, "seed": m["views"]["seed"],
         "subset": m["subset"], "num_samples": m["num_samples"], "num_rows": m.num_rows,
-        "units_done": sum(1 for n in notes if n) if notes else (m.num_units if m.complete else None),
+        "units_done": sum(1 for n in notes if n),
         "num_units": m.num_units, "dtype": m["storage"]["dtype"], "storage": m["storage"],
         "skipped": list(m.get("skipped", [])), "arrays": arrays, "bytes_on_disk": total,
         "target_bytes": target_bytes, "raw_fp32_bytes": raw, "ratio_to_raw_fp32": target_bytes / raw if raw else None,
         "versions": m.get("versions", {}),
-        "codecs": codec_report(path, measure=measure, data_root=data_root),
+        "codecs": codec_report(path, measure=measure, data_root=data_root, reader=reader),
     }
 
 

@@ -21,7 +21,9 @@ from .codecs import bf16_bits_to_float, stored_names, topk_probs
 LOSSY_KINDS = ("bitround", "int8")
 
 
-def _disk_bytes(path: Path) -> int:
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Bytes of all files under ``path`` (or of the file itself; 0 if it does not exist)."""
+    path = Path(path)
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
@@ -31,11 +33,11 @@ def array_nbytes(reader: Any, path: str | os.PathLike) -> dict[str, int]:
     """Bytes on disk of every stored array: the backend's own count, else the array's directory (zarr)."""
     if hasattr(reader, "array_nbytes"):
         return reader.array_nbytes()
-    return {name: _disk_bytes(Path(path) / name) for name in reader.manifest["arrays"]}
+    return {name: disk_bytes(Path(path) / name) for name in reader.manifest["arrays"]}
 
 
 def codec_report(path: str | os.PathLike, measure: int = 8, data_root: str | None = None, device: str = "cpu",
-                 rerun_teacher: bool = True) -> dict[str, dict[str, Any]]:
+                 rerun_teacher: bool = True, reader: Any = None) -> dict[str, dict[str, Any]]:
     """Target name -> {encoding, arrays{name: dtype, compressor, bytes_per_view}, bytes_per_view,
     ratio_to_fp16, bound, measured_error}; ``ratio_to_fp16`` = stored bytes / dense fp16 bytes.
 
@@ -43,7 +45,7 @@ def codec_report(path: str | os.PathLike, measure: int = 8, data_root: str | Non
         measure: views sampled for errors not recorded in the manifest (0: none).
         rerun_teacher: allow the teacher re-run that measuring a lossy feature codec needs.
     """
-    reader = open_reader(path, require_complete=False)
+    reader = reader if reader is not None else open_reader(path, require_complete=False)
     m = reader.manifest
     rows = max(m.num_rows, 1)
     nbytes = array_nbytes(reader, path)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Iterator, Mapping
 import numpy as np
 
 from .base import READERS, RECORD_DTYPES, WRITERS, CacheError, Manifest, diff_keys, fsync_path
+from ._dirstore import check_unit
 from .codecs import decode_targets, stored_names
 
 MARKERS = "_featcache/units"
@@ -168,13 +169,11 @@ class ZarrWriter:
 
     def write_unit(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
                    skipped: list[str] | None = None) -> None:
+        check_unit(self.manifest, unit, targets, records)  # the same validation as the wds and hdf5 writers
         rows = self.manifest.unit_rows(unit)
         files = []
-        for name, spec in self.manifest["arrays"].items():
-            value = np.ascontiguousarray(targets[name], dtype=spec["dtype"])
-            expected = (len(rows), *spec["shape"])
-            if value.shape != expected:
-                raise ValueError(f"array {name!r} for unit {unit} has shape {value.shape}, expected {expected}")
+        for name, value in targets.items():
+            value = np.ascontiguousarray(value)
             self._array(name)[rows.start:rows.stop] = value
             files.append(self.path / name / _shard_key(value.ndim, unit))
         for name, dtype in RECORD_DTYPES.items():
@@ -194,10 +193,11 @@ class ZarrWriter:
         return read_unit_notes(self.path, self.manifest.num_units)
 
     def finalize(self) -> Manifest:
-        missing = sorted(set(range(self.manifest.num_units)) - self.completed_units())
+        notes = self.unit_notes()  # read the markers once
+        missing = [u for u, note in enumerate(notes) if not note]
         if missing:
             raise CacheError(f"cannot finalize {str(self.path)!r}: units {missing[:10]} are not written yet")
-        skipped = sorted({f for note in self.unit_notes() for f in note.get("skipped", [])})
+        skipped = sorted({f for note in notes for f in note.get("skipped", [])})
         self.manifest["skipped"] = skipped
         self.manifest["complete"] = True
         self._write_attrs(self.group)
