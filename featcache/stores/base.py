@@ -8,7 +8,7 @@ is durable, so a killed extraction never leaves a cache that claims data it does
 
 Target arrays (names are the API, shared by all backends):
     ``block_{i}``  teacher block ``i`` output, pre final norm, prefix tokens kept: [rows, tokens, dim]
-    ``logits``     teacher logits: [rows, classes] (or ``logits_topk_values``/``logits_topk_indices``)
+    ``logits``     teacher logits: [rows, classes] (or ``logits__topk_values``/``logits__topk_indices``)
 
 Per-view records (small, read whole):
     ``sample`` (int64), ``view`` (int32), ``label`` (int64), ``seed`` (int64),
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Iterator, Mapping, Protocol, runtime_checkable
 
@@ -66,8 +65,9 @@ class Manifest(dict):
         final_norm{type, eps, weight, bias}}, versions{timm, torch, torchvision, ...}, layers[int],
         img_size, normalization{mean, std, interpolation}, data{kind, root, file_list_sha256, classes,
         num_files, sources[[relpath, label], ...]}, subset{shots, fraction, subset_seed},
-        views{count, seed, recipe, param_names}, targets{name: {shape, dtype, codec}}, storage{format,
-        dtype, shard_size, codec...}, num_samples, num_rows, num_units, complete, skipped[...].
+        views{count, seed, recipe, param_names}, targets{name: {shape, encoding}} (logical),
+        arrays{name: {shape, dtype, compressor}} (stored), storage{format, dtype, shard_size, codec, topk},
+        num_samples, num_rows, complete, skipped[...].
     """
 
     @property
@@ -262,16 +262,3 @@ def create_writer(path: str | os.PathLike, manifest: Manifest, format: str = "za
     """
     _import_backends()
     return WRITERS.get(format)(str(path), manifest, overwrite=overwrite)
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """Shape (per row) and dtype of one stored array, as recorded in ``manifest['targets']``."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    codec: dict[str, Any]
-
-    @classmethod
-    def from_manifest(cls, entry: Mapping[str, Any]) -> "ArraySpec":
-        return cls(tuple(entry["shape"]), str(entry["dtype"]), dict(entry.get("codec", {"name": "raw"})))

