@@ -17,6 +17,7 @@ from targets of a different input).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -38,11 +39,17 @@ def choose_view(policy: str, valid_views: Sequence[int], epoch: int, sample: int
     """The stored view of ``sample`` used in ``epoch`` under ``policy`` (see the module docstring)."""
     n = len(valid_views)
     if policy == "cycle":
-        offset = int(np.random.default_rng([seed, sample, 0x5EED]).integers(n))
-        return int(valid_views[(epoch + offset) % n])
+        return int(valid_views[(epoch + _cycle_offset(seed, sample, n)) % n])
     if policy == "random":
         return int(valid_views[int(np.random.default_rng([seed, epoch, sample]).integers(n))])
     raise ValueError(f"unknown view policy {policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cycle_offset(seed: int, sample: int, n: int) -> int:
+    """The ``cycle`` policy's per-sample start view; cached: it is fixed for the run, and building a numpy
+    Generator (~17 us) on every item of every epoch is waste in the loader's hot path."""
+    return int(np.random.default_rng([seed, sample, 0x5EED]).integers(n))
 
 
 def labelled_mask(labels: Sequence[int], label_shots: int | None) -> np.ndarray:
@@ -63,10 +70,9 @@ class EpochSampler(Sampler[int]):
     mid-epoch; here the order is a pure function of the epoch, set with `set_epoch` before each epoch.
     """
 
-    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_items: int, seed: int = 0):
         self.num_items = num_items
         self.seed = seed
-        self.shuffle = shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -76,8 +82,6 @@ class EpochSampler(Sampler[int]):
         return self.num_items
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_items))
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items).tolist())
 
 
@@ -134,7 +138,8 @@ class CachedViewDataset(Dataset):
             self.check_fingerprint(sample, row, image)
         out: dict[str, Any] = {"image": image, "label": int(self.labels[index]), "row": row, "sample": sample}
         if self.targets:
-            out["targets"] = {k: torch.from_numpy(np.array(v, dtype=np.float32))  # copy: rows may be read-only
+            # np.require copies only a read-only row (an fp32 pass-through of the reader's buffer).
+            out["targets"] = {k: torch.from_numpy(np.require(v, np.float32, ["W"]))
                               for k, v in self.reader.read_row(row, self.targets).items()}
         return out
 

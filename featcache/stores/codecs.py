@@ -34,6 +34,7 @@ Logits are never lossy-coded by ``--codec``; ``storage["topk"] = K`` stores only
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -277,7 +278,21 @@ def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _from_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
-    return bf16_bits_to_float(x) if dtype == "bf16" else np.asarray(x, dtype=np.float32)
+    if dtype == "bf16":
+        return bf16_bits_to_float(x)
+    if x.dtype == np.float16:
+        return _half_to_float(x)
+    return np.asarray(x, dtype=np.float32)
+
+
+def _half_to_float(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32, bit-identical to numpy's cast but ~8x faster on CPU (421 vs 54 us for one
+    deit3_small view's targets): this runs for every training item of an fp16 cache."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only pread/mmap buffers: only read here
+        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
 
 
 def encode_target(name: str, value: np.ndarray, enc: Mapping[str, Any], classes: int | None = None
