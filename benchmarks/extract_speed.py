@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from featcache.config import ExtractConfig
 from featcache.data import open_source
-from featcache.extract import resolve_device, run_extract
+from featcache.extract import run_extract
 from featcache.stores.report import disk_bytes
-from featcache.teachers import load_teacher
+from featcache.teachers import load_teacher, resolve_device
 from featcache.views import default_recipe, make_view, normalize
 
 

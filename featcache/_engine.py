@@ -105,7 +105,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, batches_
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps * num_processes) if cfg.epochs else cfg.max_steps * num_processes
+        total = min(total, cfg.max_steps * num_processes)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     base_lr = optimizer.param_groups[0]["lr"]
     floor = min(cfg.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0

@@ -5,6 +5,7 @@ that explicit options override. Each command only parses, builds a config and ca
 """
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -21,6 +22,21 @@ def parse_int_list(value: str | None) -> list[int] | None:
         return [int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers like 0,1,11, got {value!r}") from None
+
+
+def json_option(values: dict[str, Any], key: str) -> dict[str, Any]:
+    """A JSON-object option (``--teacher-kwargs '{"depth": 4}'``) as a dict; bad JSON names the option."""
+    raw = values.pop(key, None)
+    if not isinstance(raw, str):
+        return raw or {}
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"{raw!r} is not JSON ({err}); write e.g. '{{\"depth\": 4}}'",
+                                 param_hint=f"--{key.replace('_', '-')}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"expected a JSON object, got {raw!r}", param_hint=f"--{key.replace('_', '-')}")
+    return parsed
 
 
 def merge_config(config_path: str | None, cli_values: dict[str, Any], ctx: click.Context) -> dict[str, Any]:
@@ -115,16 +131,14 @@ def extract(ctx: click.Context, config_path: str | None, **options: Any) -> None
     Resumable: re-running the same command continues where it stopped and a complete cache is left as it is;
     different arguments against an existing cache are refused with the differing keys named.
     """
-    import json
 
     from .config import ExtractConfig, from_dict
     from .extract import run_extract
 
     values = merge_config(config_path, options, ctx)
     values["layers"] = parse_int_list(values.get("layers"))
-    kwargs = values.pop("teacher_kwargs", None)
+    values["teacher_kwargs"] = json_option(values, "teacher_kwargs")
     try:
-        values["teacher_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) else (kwargs or {})
         path = run_extract(from_dict(ExtractConfig, values))
     except _stage1_errors() as err:
         raise click.ClickException(str(err)) from None
@@ -139,7 +153,6 @@ def extract(ctx: click.Context, config_path: str | None, **options: Any) -> None
 @click.option("--data", default=None, help="Source images, if they moved since extraction (for --measure).")
 def info(cache: str, as_json: bool, measure: int, data: str | None) -> None:
     """Summarise CACHE: manifest, counts, bytes on disk, ratio to raw fp32, per-target codec and measured error."""
-    import json
 
     from .extract import cache_info, format_info
 
@@ -305,15 +318,13 @@ def train(ctx: click.Context, config_path: str | None, method_arg: tuple[str, ..
 
     Example: featcache train --cache C --method vitkd+nkd --student deit_tiny --img-size 32 --val VAL --out runs/a
     """
-    import json
 
     from .config import TrainConfig, from_dict
     from .engine import train as run_train
 
     values = merge_config(config_path, options, ctx)
     values["method_args"] = parse_method_args(method_arg, values.get("method_args"))
-    kwargs = values.pop("student_kwargs", None)
-    values["student_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) else (kwargs or {})
+    values["student_kwargs"] = json_option(values, "student_kwargs")
     if values.get("grad_clip") == 0:
         values["grad_clip"] = None
     try:
@@ -354,14 +365,12 @@ def probe(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     WeCoLoRA's evaluation protocol, usable after any method. The classifier's L2 strength is picked on a fixed
     20 % hold-out of --data, then refitted on all of it; --val is scored once.
     """
-    import json
 
     from .config import from_dict
     from .probe import ProbeConfig, run_probe
 
     values = merge_config(config_path, options, ctx)
-    kwargs = values.pop("model_kwargs", None)
-    values["model_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) else (kwargs or {})
+    values["model_kwargs"] = json_option(values, "model_kwargs")
     try:
         result = run_probe(from_dict(ProbeConfig, values))
     except (ValueError, FileNotFoundError) as err:

@@ -1,6 +1,7 @@
 """Configs for extraction and training: dataclasses with the defaults, validation and YAML round-trip.
 
-Config flows one way: recipe YAML -> validated dataclass -> CLI overrides -> saved ``config.yaml``.
+Config flows one way: recipe YAML + CLI overrides (options the user typed win) -> dataclass -> ``validate()`` ->
+saved ``config.yaml``.
 CLI option names are the field names with ``_`` -> ``-`` (``--batch-size`` sets ``batch_size``).
 """
 from __future__ import annotations
@@ -107,8 +108,8 @@ class TrainConfig:
             raise ValueError("train needs --cache PATH (made by `featcache extract`)")
         if self.view_policy not in ("cycle", "random"):
             raise ValueError(f"--view-policy must be 'cycle' or 'random', got {self.view_policy!r}")
-        if self.epochs < 1 and self.max_steps is None:
-            raise ValueError("--epochs must be >= 1")
+        if self.epochs < 1:  # --max-steps only cuts a run short; the epochs still bound the schedule
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
 
 
 def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:

@@ -207,8 +207,10 @@ def _eval_loader(cfg: TrainConfig, manifest: Any, img_size: int) -> DataLoader |
 class OnlineTargets:
     """``--online-teacher``: the cache's teacher computes the targets on the replayed views of each batch.
 
-    Targets are rounded through the cache's storage dtype (fp16/bf16), so they equal the cached ones up to
-    batch-composition float noise; with an fp32 cache they are the teacher's exact fp32 outputs.
+    Targets are rounded through the cache's storage dtype (fp16/bf16), so for a cache without a lossy codec they
+    equal the cached ones up to batch-composition float noise (with fp32, the teacher's exact outputs). The
+    codec (``int8``, ``bitround``, ``--topk``) is not applied: against such a cache the online run sees the
+    teacher's unquantised targets, so it is the reference the codec's error is measured against, not a parity run.
     """
 
     def __init__(self, manifest: Any, names: list[str], device: torch.device):

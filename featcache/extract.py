@@ -25,15 +25,8 @@ from .data import ImageDecodeError, ImageSource, open_source, select_subset, sou
 from .stores.base import FORMAT_VERSION, Manifest, StoreWriter, create_writer, open_reader
 from .stores.codecs import VERIFY_RTOL, array_specs, check_fp16_range, encode_targets, targets_section, verify_reference
 from .stores.report import disk_bytes
-from .teachers import Teacher, load_teacher, teacher_from_manifest
+from .teachers import Teacher, load_teacher, resolve_device, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_layers(layers: list[int], num_blocks: int) -> list[int]:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .teachers import load_model, load_state_dict
+from .teachers import load_model, load_state_dict, resolve_device
 
 #: L2 strengths tried on the held-out part of the training features.
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -179,7 +179,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     from .data import open_source
 
     cfg.validate()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     model, spec = load_student(cfg)
     train_src, val_src = open_source(cfg.data), open_source(cfg.val)
     classes = list(train_src.classes)

@@ -38,6 +38,13 @@ TEACHER_ALIASES: dict[str, str] = {
 RANDOM_INIT_SEED = 0
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def resolve_name(name: str) -> str:
     """Alias -> full timm ``architecture.tag`` name; other names pass through unchanged."""
     return TEACHER_ALIASES.get(name, name)

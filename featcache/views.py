@@ -346,6 +346,7 @@ def fingerprint(view: torch.Tensor | np.ndarray) -> int:
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(x / 255 - mean) / std`` as float32 on the images' device; ``images`` uint8 [..., 3, S, S]."""
     x = images.to(torch.float32).div_(255.0)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    # Built on the host and copied without blocking: a synchronous copy here would stall every training step.
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(x.device, non_blocking=True)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(x.device, non_blocking=True)
     return x.sub_(m).div_(s)

@@ -12,7 +12,7 @@ from .conftest import IMG, make_student
 
 def build(name, manifest):
     cls = METHODS.get(name)
-    student = cls.build_student(manifest, "vit_tiny_patch16_224", IMG) or make_student()
+    student = cls.build_student(manifest, "teacher", IMG) or make_student()
     return student, cls(MethodContext(manifest, student, IMG))
 
 
