@@ -42,6 +42,21 @@ class ConvGenerator(nn.Sequential):
         return super().forward(x).flatten(2).transpose(1, 2)
 
 
+class _SinCosPositions(nn.Module):
+    """Fixed 2-D sin-cos positions for a token grid, built once and kept as a non-persistent buffer (it moves
+    with ``.to(device)`` and stays out of checkpoints) instead of being rebuilt on every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pos", None, persistent=False)
+
+    def forward(self, grid: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        n, d = grid[0] * grid[1], x.shape[-1]
+        if self.pos is None or tuple(self.pos.shape[-2:]) != (n, d) or self.pos.device != x.device:
+            self.pos = build_sincos2d_pos_embed(list(grid), d, device=x.device, dtype=torch.float32)
+        return self.pos.to(x.dtype)
+
+
 class SelfAttentionGenerator(nn.Module):
     """MAE-decoder-style generator: sin-cos positions, ``depth`` ViT blocks, LayerNorm, Linear."""
 
@@ -51,10 +66,10 @@ class SelfAttentionGenerator(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, dim)
+        self.pos = _SinCosPositions()
 
     def forward(self, x: torch.Tensor, ids_masked: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        pos = build_sincos2d_pos_embed(list(grid), x.shape[-1], device=x.device, dtype=x.dtype)
-        return self.head(self.norm(self.blocks(x + pos)))
+        return self.head(self.norm(self.blocks(x + self.pos(grid, x))))
 
 
 class CrossBlock(nn.Module):
@@ -81,10 +96,11 @@ class CrossAttentionGenerator(nn.Module):
         self.blocks = nn.ModuleList([CrossBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, dim)
+        self.pos = _SinCosPositions()
 
     def forward(self, x: torch.Tensor, ids_masked: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         d = x.shape[-1]
-        x = x + build_sincos2d_pos_embed(list(grid), d, device=x.device, dtype=x.dtype)
+        x = x + self.pos(grid, x)
         index = ids_masked.unsqueeze(-1).expand(-1, -1, d)
         q = torch.gather(x, 1, index)
         for blk in self.blocks:
