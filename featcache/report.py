@@ -23,14 +23,15 @@ class RunSummary:
 
     name: str
     path: Path
-    status: str  # done | running | failed to read
+    status: str  # done | incomplete | unreadable: <error>
     row: dict[str, Any] = field(default_factory=dict)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of train records
     evals: list[tuple[int, float]] = field(default_factory=list)  # (epoch, top1) of eval records
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:
-    """Run directories below ``runs_dir`` (any directory holding a config.yaml or final.json), sorted."""
+    """Run directories below ``runs_dir`` (any directory holding a config.yaml, final.json or sweep_run.yaml),
+    sorted."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"runs directory {str(root)!r} does not exist")

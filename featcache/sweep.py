@@ -50,10 +50,9 @@ class SweepError(RuntimeError):
 
 @dataclass
 class RunPlan:
-    """One run of a sweep: its stable name, the overrides that made it, and the validated config."""
+    """One run of a sweep: its stable name and its validated config."""
 
     name: str
-    overrides: dict[str, Any]
     config: TrainConfig
 
     @property
@@ -188,7 +187,7 @@ def expand_runs(spec: SweepSpec) -> list[RunPlan]:
                 raise SweepError(f"two runs share the name {name!r} ({seen[name]} and {overrides}); "
                                  "give each `runs:` entry a distinct `name:`")
             seen[name] = overrides
-            plans.append(RunPlan(name, overrides, _build_config(spec, name, overrides, recipe)))
+            plans.append(RunPlan(name, _build_config(spec, name, overrides, recipe)))
     return plans
 
 
@@ -203,7 +202,7 @@ def _build_config(spec: SweepSpec, name: str, overrides: Mapping[str, Any], reci
     try:
         config = from_dict(TrainConfig, values)
         config.validate()
-        _check_method(config)
+        check_method_args(config.method, config.method_args)
     except (ValueError, KeyError, TypeError) as err:
         raise SweepError(f"run {name!r} has an invalid config: {err}") from None
     return config
@@ -227,10 +226,6 @@ def check_method_args(method: str, method_args: Mapping[str, Any]) -> None:
         unknown = sorted(set(args) - set(params))
         if unknown:
             raise ValueError(f"method {name!r} has no argument(s) {unknown}; its arguments are {params}")
-
-
-def _check_method(config: TrainConfig) -> None:
-    check_method_args(config.method, config.method_args)
 
 
 # --------------------------------------------------------------------------------------------------------------
