@@ -181,18 +181,17 @@ def train_teacher(cfg: DemoConfig, data: Path, path: Path, log: Callable[[str], 
 
     A plain loop on purpose: stage 2 (``featcache train``) needs a cache, and the teacher is what makes it.
     """
-    import timm.data
     import torch.nn.functional as F
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .teachers import load_model
+    from .teachers import load_model, normalization
     from .views import normalize
 
     torch.manual_seed(cfg.seed)
     model = load_model(MODEL, pretrained=False, img_size=cfg.img_size, num_classes=10, **cfg.teacher_kwargs())
-    dcfg = timm.data.resolve_model_data_config(model)
-    mean, std, interp = dcfg["mean"], dcfg["std"], dcfg["interpolation"]
+    norm = normalization(model)
+    mean, std, interp = norm["mean"], norm["std"], norm["interpolation"]
     x_train, y_train = _load_split(data / "train")
     x_test, y_test = _eval_split(data / "test", cfg.img_size, interp)
     steps_per_epoch = math.ceil(len(x_train) / cfg.teacher_batch_size)

@@ -33,6 +33,7 @@ from .config import TrainConfig, save_yaml
 from ._engine import (MetricsLog, Meter, build_optimizer, build_scheduler, build_student, build_task,
                            export_student, resolve_methods)
 from .stores.base import open_reader, write_atomic
+from .teachers import normalization  # the function only: the cached path never builds a teacher
 from .views import normalize
 
 STATE_FILE = "featcache_state.json"
@@ -142,7 +143,7 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     costs = _costs(task, accelerator)
     if cfg.online_teacher:
         costs.append("--online-teacher: a full teacher forward runs on every batch (no cache targets are read)")
-    data_cfg = _student_data_config(accelerator.unwrap_model(task).student)
+    data_cfg = normalization(accelerator.unwrap_model(task).student)  # the student's own, as timm would use
     _write_config(accelerator, out, dataclasses.replace(cfg, ce_weight=accelerator.unwrap_model(task).ce_weight))
     spec = {"model": cfg.student, "img_size": img_size, "num_classes": int(cfg.num_classes or
             manifest["teacher"]["num_classes"]), "model_kwargs": dict(cfg.student_kwargs)}
@@ -164,13 +165,6 @@ def _costs(task: torch.nn.Module, accelerator: Accelerator) -> list[str]:
     return [f"{name}: {c}" for name, m in methods.items() if (c := m.online_teacher_cost())] or [
         "cache-only: no teacher compute at train time"]
 
-
-def _student_data_config(student: torch.nn.Module) -> dict[str, Any]:
-    """Normalisation from the student's own (pretrained) config, as timm would use it."""
-    import timm.data
-
-    cfg = timm.data.resolve_model_data_config(student)
-    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
 
 
 def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:

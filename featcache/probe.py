@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .teachers import load_model, load_state_dict, resolve_device
+from .teachers import load_model, load_state_dict, normalization, resolve_device
 
 #: L2 strengths tried on the held-out part of the training features.
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -89,11 +89,9 @@ def load_student(cfg: ProbeConfig) -> tuple[nn.Module, dict[str, Any]]:
             raise ValueError(f"{weights} does not fit {spec['model']} {spec.get('model_kwargs', {})}: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.eval().requires_grad_(False)
-    import timm.data
-
-    data_cfg = timm.data.resolve_model_data_config(model)
-    spec = dict(spec, img_size=int(spec.get("img_size") or data_cfg["input_size"][-1]),
-                mean=spec.get("mean") or list(data_cfg["mean"]), std=spec.get("std") or list(data_cfg["std"]))
+    norm = normalization(model)
+    spec = dict(spec, img_size=int(spec.get("img_size") or norm["input_size"]),
+                mean=spec.get("mean") or norm["mean"], std=spec.get("std") or norm["std"])
     return model, spec
 
 

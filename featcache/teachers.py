@@ -38,6 +38,13 @@ TEACHER_ALIASES: dict[str, str] = {
 RANDOM_INIT_SEED = 0
 
 
+def normalization(model: nn.Module) -> dict[str, Any]:
+    """The model's input normalisation from its (pretrained) timm config: mean, std, interpolation, input side."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+            "interpolation": str(cfg.get("interpolation", "bicubic")), "input_size": int(cfg["input_size"][-1])}
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
     if device == "auto":
@@ -144,9 +151,9 @@ class Teacher:
 
     def data_config(self, img_size: int) -> dict[str, Any]:
         """Normalisation from the teacher's pretrained config; geometry from ``img_size``."""
-        cfg = timm.data.resolve_model_data_config(self.model)
-        return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
-                "interpolation": str(cfg.get("interpolation", "bicubic")), "img_size": int(img_size)}
+        norm = normalization(self.model)
+        return {"mean": norm["mean"], "std": norm["std"], "interpolation": norm["interpolation"],
+                "img_size": int(img_size)}
 
     def manifest_entry(self) -> dict[str, Any]:
         """The ``teacher`` section of the manifest (identity, token layout, final-norm parameters)."""
