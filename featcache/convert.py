@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .stores.base import CacheError, Manifest, create_writer, open_reader
-from .stores.codecs import array_specs, decode_targets, encode_target, parse_codec, stored_names, target_encoding
+from .stores.codecs import ErrorMeter, array_specs, decode_targets, encode_target, parse_codec, stored_names, target_encoding
 
 # Re-encoded targets of these kinds get their error measured (top-k drops classes by design: its loss is the
 # leftover mass, which `topk_probs` recovers, not an error on the logits).
@@ -61,31 +61,13 @@ def copied_targets(src: Manifest, dst: Manifest) -> list[str]:
             and layout(src, name) == layout(dst, name)]
 
 
-class _ErrorMeter:
-    """Accumulates relative L2 and max absolute error of re-encoded lossy targets."""
-
-    def __init__(self, names: list[str]):
-        self.stats = {n: {"sq_err": 0.0, "sq_ref": 0.0, "max_abs": 0.0, "rows": 0} for n in names}
-
-    def add(self, name: str, reference: np.ndarray, decoded: np.ndarray) -> None:
-        s, diff = self.stats[name], decoded.astype(np.float64) - reference
-        s["sq_err"] += float((diff ** 2).sum())
-        s["sq_ref"] += float((reference.astype(np.float64) ** 2).sum())
-        s["max_abs"] = max(s["max_abs"], float(np.abs(diff).max()) if diff.size else 0.0)
-        s["rows"] += len(reference)
-
-    def report(self) -> dict[str, dict[str, Any]]:
-        return {n: {"rel_l2": float(np.sqrt(s["sq_err"] / max(s["sq_ref"], 1e-30))), "max_abs": s["max_abs"],
-                    "rows": s["rows"], "reference": "decoded source cache"} for n, s in self.stats.items()}
-
-
 def _read_unit(reader: Any, rows: range, names: list[str]) -> dict[str, np.ndarray]:
     got = [reader.read_stored_row(r, names) for r in rows]
     return {n: np.stack([g[n] for g in got]) for n in names}
 
 
 def _unit_arrays(reader: Any, src: Manifest, dst: Manifest, rows: range, copy: list[str],
-                 meter: _ErrorMeter) -> dict[str, np.ndarray]:
+                 meter: ErrorMeter) -> dict[str, np.ndarray]:
     out = _read_unit(reader, rows, stored_names(src, copy)) if copy else {}
     recode = [n for n in dst["targets"] if n not in copy]
     if recode:
@@ -117,7 +99,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, dtype: 
     m_dst = convert_manifest(m_src, format, dtype, codec, topk, shard_size)
     writer = create_writer(dst, m_dst, format=format, overwrite=overwrite)
     copy = copied_targets(m_src, m_dst)
-    meter = _ErrorMeter([n for n in m_dst["targets"] if n not in copy and
+    meter = ErrorMeter([n for n in m_dst["targets"] if n not in copy and
                          m_dst["targets"][n]["encoding"]["kind"] in METERED])
     records = reader.records()
     todo = sorted(set(range(m_dst.num_units)) - writer.completed_units())
@@ -126,7 +108,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, dtype: 
         arrays = _unit_arrays(reader, m_src, m_dst, rows, copy, meter)
         recs = {k: v[rows.start:rows.stop] for k, v in records.items()}
         writer.write_unit(unit, arrays, recs, skipped=list(m_src.get("skipped", [])) if unit == 0 else [])
-    _record_errors(writer, meter.report() if todo else {})
+    errors = {n: dict(e, reference="decoded source cache") for n, e in meter.report().items()}
+    _record_errors(writer, errors if todo else {})
     return writer.finalize()
 
 

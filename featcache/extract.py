@@ -23,7 +23,7 @@ from . import __version__
 from .config import ExtractConfig
 from .data import ImageDecodeError, ImageSource, open_source, select_subset, source_from_manifest, source_manifest_entry
 from .stores.base import FORMAT_VERSION, Manifest, StoreWriter, create_writer, open_reader
-from .stores.codecs import VERIFY_RTOL, array_specs, check_fp16_range, encode_targets, targets_section, verify_reference
+from .stores.codecs import VERIFY_RTOL, ErrorMeter, array_specs, check_fp16_range, encode_targets, targets_section, verify_reference
 from .stores.report import disk_bytes
 from .teachers import Teacher, load_teacher, resolve_device, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
@@ -289,7 +289,7 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
     rec = reader.records()
     valid = np.flatnonzero(rec["valid"] == 1)
     rows = np.sort(np.random.default_rng(seed).choice(valid, size=min(samples, len(valid)), replace=False))
-    stats = {name: {"sq_err": 0.0, "sq_ref": 0.0, "max_abs": 0.0} for name in m["targets"]}
+    meter = ErrorMeter(list(m["targets"]))
     mismatches: list[int] = []
     for start in range(0, len(rows), batch_size):
         chunk = [int(r) for r in rows[start:start + batch_size]]
@@ -298,26 +298,18 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
         fresh = compute_targets(teacher, torch.stack(views), m, dev)
         for i, r in enumerate(chunk):
             ref = {k: verify_reference(k, v[i:i + 1], m["targets"][k])[0] for k, v in fresh.items()}
-            _accumulate(stats, reader.read_row(r), ref)
-    return _verify_report(m, stats, [int(r) for r in rows], mismatches)
+            cached = reader.read_row(r)
+            for name in m["targets"]:
+                meter.add(name, ref[name], cached[name])
+    return _verify_report(m, meter.report(), [int(r) for r in rows], mismatches)
 
 
-def _accumulate(stats: dict[str, dict[str, float]], cached: dict[str, np.ndarray], fresh: dict[str, np.ndarray]
-                ) -> None:
-    for name, s in stats.items():
-        diff = cached[name].astype(np.float64) - fresh[name].astype(np.float64)
-        s["sq_err"] += float((diff ** 2).sum())
-        s["sq_ref"] += float((fresh[name].astype(np.float64) ** 2).sum())
-        s["max_abs"] = max(s["max_abs"], float(np.abs(diff).max()) if diff.size else 0.0)
-
-
-def _verify_report(m: Manifest, stats: dict[str, dict[str, float]], rows: list[int], mismatches: list[int]
+def _verify_report(m: Manifest, errors: dict[str, dict[str, float]], rows: list[int], mismatches: list[int]
                    ) -> dict[str, Any]:
     targets = {}
-    for name, s in stats.items():
-        rel = float(np.sqrt(s["sq_err"] / max(s["sq_ref"], 1e-30)))
+    for name, e in errors.items():
         tol = verify_tolerance(m["targets"][name]["encoding"])
-        targets[name] = {"max_abs": s["max_abs"], "rel": rel, "tol": tol, "ok": rel <= tol}
+        targets[name] = {"max_abs": e["max_abs"], "rel": e["rel_l2"], "tol": tol, "ok": e["rel_l2"] <= tol}
     ok = not mismatches and all(t["ok"] for t in targets.values()) and bool(rows)
     return {"rows": rows, "fingerprint_mismatches": mismatches, "targets": targets, "ok": ok}
 

@@ -395,10 +395,31 @@ def error_bound(enc: Mapping[str, Any], reference: np.ndarray, stored: Mapping[s
     return ref * ((1 + dtype_err) * (1 + 2.0 ** -(keep + 1)) - 1) + floor + 2.0 ** (min_exp - keep - 1)
 
 
+class ErrorMeter:
+    """Relative L2 error ``||x' - x|| / ||x||`` and max absolute error per target, accumulated over batches of
+    rows (``convert`` and ``verify`` measure whole caches this way; :func:`measure_error` one array)."""
+
+    def __init__(self, names: list[str]):
+        self.stats = {n: {"sq_err": 0.0, "sq_ref": 0.0, "max_abs": 0.0, "rows": 0} for n in names}
+
+    def add(self, name: str, reference: np.ndarray, decoded: np.ndarray) -> None:
+        ref = np.asarray(reference, dtype=np.float64)
+        diff = np.asarray(decoded, dtype=np.float64) - ref
+        s = self.stats[name]
+        s["sq_err"] += float((diff ** 2).sum())
+        s["sq_ref"] += float((ref ** 2).sum())
+        s["max_abs"] = max(s["max_abs"], float(np.abs(diff).max()) if diff.size else 0.0)
+        s["rows"] += len(ref)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        # max(.., 1e-30): an error against an all-zero reference must still show, not read as 0.
+        return {n: {"rel_l2": float(np.sqrt(s["sq_err"] / max(s["sq_ref"], 1e-30))),
+                    "max_abs": s["max_abs"], "rows": s["rows"]} for n, s in self.stats.items()}
+
+
 def measure_error(reference: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
     """Relative L2 error ``||x' - x|| / ||x||`` and max absolute error of a decoded target."""
-    ref = np.asarray(reference, dtype=np.float64)
-    diff = np.asarray(decoded, dtype=np.float64) - ref
-    norm = float(np.linalg.norm(ref))
-    return {"rel_l2": float(np.linalg.norm(diff)) / norm if norm else 0.0,
-            "max_abs": float(np.abs(diff).max()) if diff.size else 0.0}
+    meter = ErrorMeter(["x"])
+    meter.add("x", reference, decoded)
+    out = meter.report()["x"]
+    return {"rel_l2": out["rel_l2"], "max_abs": out["max_abs"]}
