@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .stores.base import CacheError, Manifest, create_writer, open_reader
-from .stores.codecs import ErrorMeter, array_specs, decode_targets, encode_target, parse_codec, stored_names, target_encoding
+from .stores.codecs import (ErrorMeter, array_specs, decode_targets, encode_target, parse_codec, stored_names,
+                            target_encoding)
 
 # Re-encoded targets of these kinds get their error measured (top-k drops classes by design: its loss is the
 # leftover mass, which `topk_probs` recovers, not an error on the logits).

@@ -6,9 +6,10 @@
 3. extract: the teacher runs ONCE over several views of every train image (labels kept in the cache).
 4. sweep: students (4 blocks, width 48) all trained from that one cache with only ``label_shots`` labels per
    class (the rest of the train split is unlabelled): a CE-only baseline, KD, NKD, ViTKD, ViTKD+NKD, KD with
-   the teacher run online for comparison, and WeCoLoRA (the teacher's every 2nd block + LoRA, label-free). The CE baseline sees the same views and steps but can only
-   learn from the labelled ones; the distilled students also learn from the teacher on the unlabelled ones,
-   which is the few-shot setting these methods are for.
+   the teacher run online for comparison, and WeCoLoRA (the teacher's every 2nd block + LoRA, label-free).
+   The CE baseline sees the same views and steps but can only learn from the labelled ones; the distilled
+   students also learn from the teacher on the unlabelled ones, which is the few-shot setting these methods
+   are for.
 5. report: the table, the plot and a verdict computed from the measured numbers.
 """
 from __future__ import annotations
@@ -244,7 +245,7 @@ def ensure_teacher(cfg: DemoConfig, data: Path, out: Path, log: Callable[[str], 
 # --------------------------------------------------------------------------------------------------------------
 
 def demo_runs(cfg: DemoConfig) -> list[dict[str, Any]]:
-    """The sweep's runs: the baseline, the cache-only methods, online KD, and WeCoLoRA (teacher-initialised, label-free).
+    """The sweep's runs: the baseline, the cache-only methods, online KD, and WeCoLoRA (label-free).
 
     ViTKD's coefficients are *sums* over tokens and channels (METHODS.md §1.4): alpha 3e-5 and beta 3e-6 are
     tuned for 196 tokens x 384 channels. The demo teacher has 16 x 96, so both are scaled by
@@ -305,8 +306,8 @@ def _online_cost(by_name: dict[str, dict[str, Any]]) -> list[str]:
     if not cached.get("train_time_s") or not online.get("train_time_s"):
         return []
     same = "identical" if cached.get("top1") == online.get("top1") else "not identical"
-    return [f"  KD with the teacher run online: {online['top1']:.2f} % vs {cached['top1']:.2f} % from the cache ({same}); "
-            f"training took {online['train_time_s']:.0f} s vs {cached['train_time_s']:.0f} s (wall clock, shared CPU)"]
+    return [f"  KD with the teacher run online: {online['top1']:.2f} % vs {cached['top1']:.2f} % from the cache "
+            f"({same}); training took {online['train_time_s']:.0f} s vs {cached['train_time_s']:.0f} s (wall clock, shared CPU)"]
 
 
 # --------------------------------------------------------------------------------------------------------------
