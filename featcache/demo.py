@@ -307,7 +307,8 @@ def _online_cost(by_name: dict[str, dict[str, Any]]) -> list[str]:
         return []
     same = "identical" if cached.get("top1") == online.get("top1") else "not identical"
     return [f"  KD with the teacher run online: {online['top1']:.2f} % vs {cached['top1']:.2f} % from the cache "
-            f"({same}); training took {online['train_time_s']:.0f} s vs {cached['train_time_s']:.0f} s (wall clock, shared CPU)"]
+            f"({same}); training took {online['train_time_s']:.0f} s vs {cached['train_time_s']:.0f} s "
+            "(wall clock, shared CPU)"]
 
 
 # --------------------------------------------------------------------------------------------------------------
