@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from featcache.config import ExtractConfig
 from featcache.data import open_source
 from featcache.extract import run_extract
-from featcache.stores.report import disk_bytes
+from featcache.durable import disk_bytes
 from featcache.teachers import load_teacher, resolve_device
 from featcache.views import default_recipe, make_view, normalize
 

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.stores.base import Manifest, create_writer, open_reader
+from featcache.manifest import Manifest
+
+from featcache.stores.base import create_writer, open_reader
 from featcache.stores.codecs import array_specs, decode_targets, encode_targets, targets_section
 from featcache.stores.report import array_nbytes
 

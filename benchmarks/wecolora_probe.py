@@ -32,7 +32,8 @@ from featcache.engine import train
 from featcache.extract import run_extract
 from featcache.methods import METHODS
 from featcache.probe import ProbeConfig, run_probe
-from featcache.stores.base import CacheError, open_reader
+from featcache.errors import CacheError
+from featcache.stores.base import open_reader
 
 
 def parse_args() -> argparse.Namespace:

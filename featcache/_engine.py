@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from . import compat
 from .config import TrainConfig
 from .methods import METHODS, DistillTask, MethodContext, parse_method_spec
-from .stores.base import Manifest
+from .manifest import Manifest
 
 # (name, class, keyword arguments, weight in the composite)
 Spec = tuple[str, type, dict[str, Any], float]

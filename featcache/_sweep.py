@@ -24,7 +24,8 @@ Prepare = Callable[["RunPlan", str], TrainConfig]
 
 def cache_status(path: str | Path) -> tuple[bool, Any]:
     """``(complete, manifest)`` of the cache at ``path``; ``(False, None)`` if there is none."""
-    from .stores.base import CacheError, open_reader
+    from .errors import CacheError
+    from .stores.base import open_reader
 
     if not Path(path).exists():
         return False, None

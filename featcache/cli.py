@@ -64,7 +64,7 @@ def main() -> None:
 
 def _stage1_errors() -> tuple[type[Exception], ...]:
     from .data import ImageDecodeError
-    from .stores.base import CacheError
+    from .errors import CacheError
 
     return (CacheError, ImageDecodeError, ValueError, FileNotFoundError)
 
@@ -209,7 +209,7 @@ def convert(src: str, dst: str, format: str, dtype: str | None, codec: str | Non
     Resumable: re-running the same command continues an interrupted DST.
     """
     from .convert import convert as run_convert
-    from .stores.base import CacheError
+    from .errors import CacheError
     from .stores.report import codec_report, format_report
 
     try:
@@ -256,7 +256,7 @@ def _train_errors() -> tuple[type[Exception], ...]:
     from .compat import CompatError
     from .data import ImageDecodeError
     from .dataset import ReplayDriftError
-    from .stores.base import CacheError
+    from .errors import CacheError
 
     return (CompatError, CacheError, ImageDecodeError, ReplayDriftError, ValueError, KeyError, FileNotFoundError,
             FileExistsError)

@@ -11,14 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from .stores.base import Manifest
+from .errors import CompatError
+from .manifest import Manifest
 
 # (method name, method class, its keyword arguments)
 MethodSpec = tuple[str, type, Mapping[str, Any]]
-
-
-class CompatError(ValueError):
-    """The cache cannot serve this training run; the message lists every problem and its fix."""
 
 
 def check(manifest: Manifest, cfg: Any, methods: Sequence[MethodSpec]) -> None:

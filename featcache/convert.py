@@ -16,7 +16,11 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from .stores.base import CacheError, Manifest, create_writer, open_reader
+from .errors import CacheError
+
+from .manifest import Manifest
+
+from .stores.base import create_writer, open_reader
 from .stores.codecs import (ErrorMeter, array_specs, decode_targets, encode_target, parse_codec, stored_names,
                             target_encoding)
 

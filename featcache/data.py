@@ -34,20 +34,11 @@ import torch
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from .stores.base import CacheError, safe_relpath
+from .errors import CacheError, DecodeError as ImageDecodeError
+from .manifest import safe_relpath
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 KINDS = ("folder", "wds")
-
-
-class ImageDecodeError(RuntimeError):
-    """An image could not be read or decoded; ``path`` is the file (``shard.tar#member`` for shards)."""
-
-    def __init__(self, path: str, reason: str, relpath: str | None = None):
-        super().__init__(f"cannot decode image {path}: {reason} (fix or remove the file, or pass --skip-corrupt "
-                         f"to skip it and record the skip in the cache manifest)")
-        self.path = path
-        self.relpath = relpath
 
 
 @dataclass(frozen=True)

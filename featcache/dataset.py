@@ -25,14 +25,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .data import ImageSource
+from .errors import ReplayDriftError
 from .stores.base import StoreReader
 from .views import Recipe, eval_recipe, fingerprint, replay, sample_params
 
 VIEW_POLICIES = ("cycle", "random")
-
-
-class ReplayDriftError(RuntimeError):
-    """A replayed view does not reproduce the fingerprint stored at extraction."""
 
 
 def choose_view(policy: str, valid_views: Sequence[int], epoch: int, sample: int, seed: int) -> int:

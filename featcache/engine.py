@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig, save_yaml
 from ._engine import (MetricsLog, Meter, build_optimizer, build_scheduler, build_student, build_task,
                            export_student, resolve_methods)
-from .stores.base import open_reader, write_atomic
+from .stores.base import open_reader
+from .durable import write_atomic
 from .teachers import normalization  # the function only: the cached path never builds a teacher
 from .views import normalize
 
@@ -104,7 +105,7 @@ def _refuse_overwrite(out: Path, resume: bool) -> None:
 def _check_same_run(path: Path, cfg: TrainConfig) -> None:
     """``--resume`` must continue the same run: only options that do not change the result may differ."""
     from .config import load_yaml, to_dict
-    from .stores.base import diff_keys
+    from .manifest import diff_keys
 
     if not path.is_file():
         return

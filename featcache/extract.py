@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .config import ExtractConfig
 from .data import ImageDecodeError, ImageSource, open_source, select_subset, source_from_manifest, source_manifest_entry
-from .stores.base import FORMAT_VERSION, Manifest, StoreWriter, create_writer, open_reader
+from .manifest import FORMAT_VERSION, Manifest
+from .stores.base import StoreWriter, create_writer, open_reader
 from .stores.codecs import (VERIFY_RTOL, ErrorMeter, array_specs, check_fp16_range, encode_targets, targets_section,
                             verify_reference)
-from .stores.report import disk_bytes
+from .durable import disk_bytes
 from .teachers import Teacher, load_teacher, resolve_device, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
 

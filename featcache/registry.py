@@ -1,11 +1,14 @@
-"""One small registry used by methods, stores and teachers.
+"""One small registry used by methods, stores, view ops and target encodings.
 
-The registry key is the plain name used everywhere: file name, CLI value, recipe folder.
-An unknown name raises an error that lists what exists (timm's `create_model` does the same).
+The registry key is the plain name used everywhere: file name, CLI value, recipe folder. Registration sets the
+plugin's ``name`` attribute, so the name is written once (timm's ``register_model`` takes it from the function).
+An unknown name raises an error that lists what exists (timm's ``create_model`` does the same).
 """
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
+
+from .errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -17,8 +20,8 @@ class Registry(Generic[T]):
         >>> METHODS = Registry("method")
         >>> @METHODS.register("kd")
         ... class KD: ...
-        >>> METHODS.get("kd") is KD
-        True
+        >>> METHODS.get("kd") is KD, KD.name
+        (True, 'kd')
     """
 
     def __init__(self, kind: str):
@@ -29,6 +32,8 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if isinstance(obj, type):
+                obj.name = name  # the one place a plugin's name is written
             self._items[name] = obj
             return obj
 
@@ -38,8 +43,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names()) or '(none)'}"
+                                   ) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

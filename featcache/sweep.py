@@ -36,16 +36,13 @@ import yaml
 
 from ._sweep import TrainFn, cache_status, execute, extract_mismatch
 from .config import ExtractConfig, TrainConfig, from_dict, load_yaml, to_dict
+from .errors import SweepError
 
 SPEC_KEYS = ("cache", "extract", "recipe", "base", "grid", "runs", "out")
 #: Written by the sweep into each run directory: the config it asked for (the engine's config.yaml is resolved).
 SPEC_FILE = "sweep_run.yaml"
 #: Fields that may change between re-runs of the same run without making it a different run.
 VOLATILE_KEYS = ("resume", "workers", "log_every")
-
-
-class SweepError(RuntimeError):
-    """A sweep spec is invalid, or some of its runs failed."""
 
 
 @dataclass

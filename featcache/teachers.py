@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .stores.base import block_name
+from .manifest import block_name
 
 #: Short names -> timm ``name.tag`` used by the source papers.
 TEACHER_ALIASES: dict[str, str] = {

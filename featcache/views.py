@@ -70,7 +70,6 @@ class RandomResizedCrop(ViewOp):
     to ``ratio``) but from the view's numpy Generator instead of torch's global RNG.
     """
 
-    name: ClassVar[str] = "rrc"
     params: ClassVar[tuple[str, ...]] = ("top", "left", "height", "width")
     sets_size: ClassVar[bool] = True
     scale: tuple[float, float] = (0.08, 1.0)
@@ -120,7 +119,6 @@ def _center_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[in
 class HorizontalFlip(ViewOp):
     """Mirror left-right with probability ``p``. Param ``flip`` is 1.0 (flipped) or 0.0."""
 
-    name: ClassVar[str] = "hflip"
     params: ClassVar[tuple[str, ...]] = ("flip",)
     p: float = 0.5
 
@@ -146,7 +144,6 @@ class ColorJitter(ViewOp):
     Replay skips adjustments whose factor is neutral, so it needs only the stored vector.
     """
 
-    name: ClassVar[str] = "color_jitter"
     params: ClassVar[tuple[str, ...]] = ("brightness", "contrast", "saturation", "hue",
                                          "order0", "order1", "order2", "order3")
     brightness: float = 0.4
@@ -190,7 +187,6 @@ class ResizeCenterCrop(ViewOp):
     replay needs no rounding rule of its own. Draws nothing from the Generator.
     """
 
-    name: ClassVar[str] = "resize_center"
     params: ClassVar[tuple[str, ...]] = ("height", "width")
     sets_size: ClassVar[bool] = True
     crop_pct: float = 0.875

@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 from featcache.data import (ImageDecodeError, SourceItem, file_list_sha256, open_source, select_subset,
                             source_from_manifest, source_manifest_entry)
-from featcache.stores.base import CacheError
+from featcache.errors import CacheError
 
 
 def _pil_tensor(path):

@@ -17,7 +17,8 @@ from helpers import make_image_folder
 from featcache.config import ExtractConfig
 from featcache.data import ImageDecodeError, source_from_manifest
 from featcache.extract import cache_info, run_extract, verify_cache
-from featcache.stores.base import CacheError, open_reader
+from featcache.errors import CacheError
+from featcache.stores.base import open_reader
 from featcache.teachers import teacher_from_manifest
 from featcache.views import Recipe, normalize, replay
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import Registry
-from ..stores.base import Manifest, block_name
+from ..manifest import Manifest, block_name
 
 METHODS: Registry[type["Method"]] = Registry("method")
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..stores.base import Manifest
+from ..manifest import Manifest
 from .base import METHODS, Method, MethodContext, StudentOutput
 
 
@@ -23,7 +23,6 @@ class CE(Method):
         ctx: method context (unused: the baseline has no adapters).
     """
 
-    name = "ce"
     default_ce_weight = 1.0
 
     def __init__(self, ctx: MethodContext):

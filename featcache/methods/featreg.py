@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..stores.base import Manifest, block_name
+from ..manifest import Manifest, block_name
 from ._adapters import frozen_teacher_norm, grid_of, make_adapter, resize_tokens, split_prefix, to_tokens
 from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
 
@@ -70,7 +70,6 @@ class FeatReg(Method):
         weight: coefficient of the regression loss.
     """
 
-    name = "featreg"
 
     def __init__(self, ctx: MethodContext, student_layer: int = -1, teacher_layer: int = -1, adapter: str = "auto",
                  loss: str = "mse", post_norm: bool = False, tokens: str = "all", weight: float = 1.0):

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..stores.base import Manifest
+from ..manifest import Manifest
 from .base import METHODS, Method, MethodContext, StudentOutput
 
 
@@ -42,7 +42,6 @@ class KD(Method):
             ``ce_weight``.
     """
 
-    name = "kd"
 
     def __init__(self, ctx: MethodContext, temperature: float = 1.0, weight: float = 1.0):
         super().__init__(ctx)

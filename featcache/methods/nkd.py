@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..stores.base import Manifest
+from ..manifest import Manifest
 from .base import METHODS, Method, MethodContext, StudentOutput
 
 
@@ -73,7 +73,6 @@ class NKD(Method):
         gamma: weight of the non-target term (1.0 for the DeiT configs; 1.5 is the official class default).
     """
 
-    name = "nkd"
 
     def __init__(self, ctx: MethodContext, temperature: float = 1.0, gamma: float = 1.0):
         super().__init__(ctx)

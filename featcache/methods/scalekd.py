@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..stores.base import Manifest, block_name
+from ..manifest import Manifest, block_name
 from ..teachers import teacher_from_manifest
 from ._adapters import frozen_teacher_norm, grid_of, split_prefix
 from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
@@ -149,7 +149,6 @@ class ScaleKD(Method):
         tpp_layer: student feature index for the TPP projectors; ``None`` = ``student_layer``.
     """
 
-    name = "scalekd"
     default_ce_weight = 0.5  # official total: 0.5 * LabelSmoothCE(0.1) + KD + DFM terms
 
     def __init__(self, ctx: MethodContext, alpha: tuple[float, float] | list[float] = (0.08, 0.06),

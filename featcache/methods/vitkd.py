@@ -30,7 +30,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from ..stores.base import Manifest, block_name
+from ..manifest import Manifest, block_name
 from ._adapters import frozen_teacher_norm, grid_of, make_adapter
 from ._generators import build_generator
 from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
@@ -107,7 +107,6 @@ class ViTKD(Method):
         gen_heads: heads of the attention generators (default: D_t // 64, or 1).
     """
 
-    name = "vitkd"
 
     def __init__(self, ctx: MethodContext, student_shallow: Sequence[int] = (0, 1),
                  teacher_shallow: Sequence[int] = (0, 1), student_deep: int = -1, teacher_deep: int = -1,

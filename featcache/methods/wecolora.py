@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..stores.base import Manifest, block_name
+from ..manifest import Manifest, block_name
 from ..teachers import load_model, teacher_from_manifest
 from ._adapters import frozen_teacher_norm
 from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
@@ -174,7 +174,6 @@ class WeCoLoRA(Method):
         lora_targets: ``"all"`` (q, k, v, proj, fc1, fc2: enhanced LoRA) or ``"qv"`` (standard LoRA ablation).
     """
 
-    name = "wecolora"
     default_ce_weight = 0.0  # label-free feature distillation
 
     def __init__(self, ctx: MethodContext, k: int = 2, r: int = 128, variant: str = "lora",

@@ -16,7 +16,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import RECORD_DTYPES, CacheError, Manifest, diff_keys, write_atomic
+from ..manifest import Manifest, RECORD_DTYPES, diff_keys
+
+from ..errors import CacheError
+
+from ..durable import write_atomic
 
 MARKER_RE = re.compile(r"^unit-(\d{6})\.json$")
 

@@ -29,7 +29,9 @@ from typing import Any, ClassVar, Iterator, Mapping
 import numpy as np
 
 from . import _dirstore as ds
-from .base import READERS, RECORD_DTYPES, WRITERS, CacheError, Manifest, safe_relpath
+from .base import READERS, WRITERS
+from ..manifest import Manifest, RECORD_DTYPES, safe_relpath
+from ..errors import CacheError
 from .codecs import decode_targets, stored_names
 
 PART_RE = re.compile(r"^part-(\d{3,})\.h5$")

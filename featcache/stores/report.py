@@ -15,18 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from ..durable import disk_bytes
 from .base import open_reader
 from .codecs import bf16_bits_to_float, stored_names, topk_probs
 
 LOSSY_KINDS = ("bitround", "int8")
-
-
-def disk_bytes(path: str | os.PathLike) -> int:
-    """Bytes of all files under ``path`` (or of the file itself; 0 if it does not exist)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def array_nbytes(reader: Any, path: str | os.PathLike) -> dict[str, int]:

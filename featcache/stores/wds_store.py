@@ -27,7 +27,10 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import numpy as np
 
 from . import _dirstore as ds
-from .base import READERS, WRITERS, CacheError, Manifest, fsync_path, safe_relpath
+from .base import READERS, WRITERS
+from ..errors import CacheError
+from ..manifest import Manifest, safe_relpath
+from ..durable import fsync_path
 from .codecs import decode_targets, numcodecs_compressor, stored_names
 
 KEY_RE = re.compile(r"^s(\d{9})_v(\d{4})$")

@@ -28,7 +28,13 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 
-from .base import READERS, RECORD_DTYPES, WRITERS, CacheError, Manifest, diff_keys, fsync_path
+from .base import READERS, WRITERS
+
+from ..manifest import Manifest, RECORD_DTYPES, diff_keys
+
+from ..errors import CacheError
+
+from ..durable import fsync_path
 from ._dirstore import check_unit
 from .codecs import decode_targets, stored_names
 

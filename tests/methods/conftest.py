@@ -10,7 +10,7 @@ import timm
 import torch
 
 from featcache.methods import MethodContext
-from featcache.stores.base import Manifest
+from featcache.manifest import Manifest
 from featcache.teachers import load_teacher
 
 IMG = 32

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from featcache.methods import METHODS, DistillTask, MethodContext, StudentOutput
 from featcache.methods.featreg import align_tokens, feature_regression_loss
-from featcache.stores.base import Manifest
+from featcache.manifest import Manifest
 
 from .conftest import IMG, make_student
 

@@ -10,7 +10,7 @@ import torch
 from featcache.methods import METHODS, DistillTask, MethodContext, StudentOutput
 from featcache.methods.vitkd import (apply_mask, correlation_mimic_loss, random_masking, vitkd_generation_loss,
                                      vitkd_mimic_loss)
-from featcache.stores.base import Manifest
+from featcache.manifest import Manifest
 
 from .conftest import IMG, make_student
 

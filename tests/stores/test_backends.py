@@ -13,7 +13,9 @@ import pytest
 import torch
 import zarr
 
-from featcache.stores.base import CacheError, create_writer, open_reader
+from featcache.errors import CacheError
+
+from featcache.stores.base import create_writer, open_reader
 from featcache.stores.codecs import encode_targets
 from featcache.stores.wds_store import parse_member, split_shards
 from toystore import toy_manifest, toy_records, toy_targets, unit_slice, write_toy

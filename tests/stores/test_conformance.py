@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.stores.base import CacheError, create_writer, open_reader
+from featcache.errors import CacheError
+
+from featcache.stores.base import create_writer, open_reader
 from featcache.stores.codecs import decode_targets, encode_targets
 from toystore import FORMATS, RowDataset, snapshot, toy_manifest, toy_records, toy_targets, unit_slice, write_toy
 

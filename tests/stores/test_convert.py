@@ -10,7 +10,8 @@ from featcache.cli import main
 from featcache.config import ExtractConfig
 from featcache.convert import convert
 from featcache.extract import run_extract, verify_cache
-from featcache.stores.base import CacheError, open_reader
+from featcache.errors import CacheError
+from featcache.stores.base import open_reader
 from featcache.stores.codecs import decode_targets, encode_targets, error_bound
 from featcache.stores.report import codec_report, format_report
 from toystore import toy_manifest, toy_records, toy_targets, write_toy

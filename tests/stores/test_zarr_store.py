@@ -10,7 +10,9 @@ import pytest
 import zarr
 from toystore import toy_manifest, toy_records, toy_targets, write_toy
 
-from featcache.stores.base import CacheError, create_writer, open_reader
+from featcache.errors import CacheError
+
+from featcache.stores.base import create_writer, open_reader
 from featcache.stores.codecs import encode_targets
 from featcache.stores.zarr_store import ZarrReader, read_manifest
 

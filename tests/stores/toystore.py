@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.stores.base import WRITERS, Manifest, _import_backends, create_writer
+from featcache.stores.base import WRITERS, _import_backends, create_writer
+
+from featcache.manifest import Manifest
 from featcache.stores.codecs import array_specs, encode_targets, targets_section
 
 _import_backends()
