@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.config import ExtractConfig
-from featcache.data import open_source
+from featcache.sources import open_source
 from featcache.extract import run_extract
 from featcache.durable import disk_bytes
 from featcache.teachers import load_teacher, resolve_device

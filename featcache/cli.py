@@ -63,7 +63,7 @@ def main() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _stage1_errors() -> tuple[type[Exception], ...]:
-    from .data import ImageDecodeError
+    from .sources import ImageDecodeError
     from .errors import CacheError
 
     return (CacheError, ImageDecodeError, ValueError, FileNotFoundError)
@@ -254,8 +254,8 @@ def _yaml_value(raw: str) -> Any:
 
 def _train_errors() -> tuple[type[Exception], ...]:
     from .compat import CompatError
-    from .data import ImageDecodeError
-    from .dataset import ReplayDriftError
+    from .sources import ImageDecodeError
+    from .datasets import ReplayDriftError
     from .errors import CacheError
 
     return (CompatError, CacheError, ImageDecodeError, ReplayDriftError, ValueError, KeyError, FileNotFoundError,

@@ -141,7 +141,7 @@ def write_digits(root: str | Path, img_size: int = 32, test_fraction: float = 0.
 # --------------------------------------------------------------------------------------------------------------
 
 def _load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from .data import open_source
+    from .sources import open_source
 
     source = open_source(root)
     return torch.stack([source.load(i) for i in range(len(source))]), torch.tensor(source.labels)
@@ -149,8 +149,8 @@ def _load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _eval_split(root: Path, img_size: int, interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out views exactly as ``featcache train --val`` evaluates them (resize + centre crop)."""
-    from .data import open_source
-    from .dataset import EvalDataset
+    from .sources import open_source
+    from .datasets import EvalDataset
 
     source = open_source(root)
     dataset = EvalDataset(source, img_size, source.classes, interpolation=interpolation)

@@ -175,8 +175,8 @@ def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tuple[Any, Any, DataLoader]:
-    from .data import source_from_manifest
-    from .dataset import CachedViewDataset, EpochSampler
+    from .sources import source_from_manifest
+    from .datasets import CachedViewDataset, EpochSampler
     from .views import Recipe
 
     manifest = reader.manifest
@@ -191,8 +191,8 @@ def _train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tuple[Any
 def _eval_loader(cfg: TrainConfig, manifest: Any, img_size: int) -> DataLoader | None:
     if not cfg.val:
         return None
-    from .data import open_source
-    from .dataset import EvalDataset
+    from .sources import open_source
+    from .datasets import EvalDataset
 
     interpolation = manifest.get("normalization", {}).get("interpolation", "bicubic")
     dataset = EvalDataset(open_source(cfg.val), img_size, manifest["data"]["classes"], interpolation=interpolation)

@@ -17,16 +17,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from . import __version__
 from .config import ExtractConfig
-from .data import ImageDecodeError, ImageSource, open_source, select_subset, source_from_manifest, source_manifest_entry
+from .sources import ImageDecodeError, ImageSource, open_source, select_subset, source_from_manifest, source_manifest_entry
 from .manifest import FORMAT_VERSION, Manifest
 from .stores.base import StoreWriter, create_writer, open_reader
 from .stores.codecs import (VERIFY_RTOL, ErrorMeter, array_specs, check_fp16_range, encode_targets, targets_section,
                             verify_reference)
 from .durable import disk_bytes
+from .datasets import ViewDataset
 from .teachers import Teacher, load_teacher, resolve_device, teacher_from_manifest
 from .views import Recipe, default_recipe, fingerprint, make_view, normalize, replay
 
@@ -95,35 +96,6 @@ def build_manifest(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, in
 
 
 # ------------------------------------------------------------------------------------------------ views
-
-
-class ViewDataset(Dataset):
-    """Row -> the replayed uint8 view and its records. Randomness comes from ``view_seed`` alone, so the
-    result does not depend on worker count, batch size or which rows a resumed run still needs."""
-
-    def __init__(self, source: ImageSource, recipe: Recipe, seed: int, views: int, rows: list[int],
-                 skip_corrupt: bool = False) -> None:
-        self.source, self.recipe, self.seed, self.views = source, recipe, seed, views
-        self.rows, self.skip_corrupt = rows, skip_corrupt
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[i]
-        sample, view = divmod(row, self.views)
-        item = {"row": row, "sample": sample, "view": view, "label": self.source.items[sample].label, "error": ""}
-        try:
-            image = self.source.load(sample)
-        except ImageDecodeError as err:  # reported by the main process, which names the file or records the skip
-            size = self.recipe.img_size
-            reason = f"{type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else str(err)
-            return dict(item, image=torch.zeros(3, size, size, dtype=torch.uint8), seed=0, valid=0, fingerprint=0,
-                        params=np.zeros(len(self.recipe.param_names)), error=reason, path=err.path,
-                        relpath=err.relpath or self.source.items[sample].relpath)
-        v = make_view(image, self.recipe, self.seed, sample, view)
-        return dict(item, image=v.image, seed=v.seed, params=v.params, fingerprint=v.fingerprint, valid=1, path="",
-                    relpath="")
 
 
 def iter_units(loader: DataLoader, manifest: Manifest, skip_corrupt: bool) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -108,7 +108,7 @@ def extract_features(model: nn.Module, source: Any, class_names: list[str], spec
     """Pre-logits features ``[N, D]`` and labels ``[N]`` (labels mapped onto ``class_names`` by name)."""
     from tqdm import tqdm
 
-    from .dataset import EvalDataset
+    from .datasets import EvalDataset
     from .views import normalize
 
     loader = DataLoader(EvalDataset(source, spec["img_size"], class_names), batch_size=batch_size, shuffle=False,
@@ -174,7 +174,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     """Probe ``cfg.student`` on ``cfg.data`` -> ``cfg.val``; write the result JSON; return it."""
-    from .data import open_source
+    from .sources import open_source
 
     cfg.validate()
     device = resolve_device(cfg.device)

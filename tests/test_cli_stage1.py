@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from helpers import make_image_folder
+from featcache.testing.images import make_image_folder
 
 from featcache.cli import main
 

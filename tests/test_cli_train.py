@@ -7,7 +7,7 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
-from train_helpers import make_cache, make_val
+from featcache.testing.caches import make_cache, make_val
 
 from featcache.cli import main, parse_method_args
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from train_helpers import STUDENT, make_cache, reset_accelerate
+from featcache.testing.caches import STUDENT, make_cache, reset_accelerate
 
 from featcache import compat, engine
 from featcache.config import TrainConfig

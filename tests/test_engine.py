@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import STUDENT, make_cache, make_val, reset_accelerate
+from featcache.testing.caches import STUDENT, make_cache, make_val, reset_accelerate
 
 from featcache import engine, teachers
 from featcache._engine import build_optimizer, build_scheduler, split_method_args

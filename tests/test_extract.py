@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_folder
+from featcache.testing.images import make_image_folder
 
 from featcache.config import ExtractConfig
-from featcache.data import ImageDecodeError, source_from_manifest
+from featcache.sources import ImageDecodeError, source_from_manifest
 from featcache.extract import cache_info, run_extract, verify_cache
 from featcache.errors import CacheError
 from featcache.stores.base import open_reader

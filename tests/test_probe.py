@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from helpers import make_image_folder
+from featcache.testing.images import make_image_folder
 from safetensors.torch import save_file
 
 from featcache.cli import main

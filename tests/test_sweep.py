@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_image_folder
+from featcache.testing.images import make_image_folder
 
 import featcache.teachers as teachers
 from featcache.config import ExtractConfig, TrainConfig

@@ -9,7 +9,7 @@ from featcache.methods import METHODS, DistillTask, MethodContext, StudentOutput
 from featcache.methods.featreg import align_tokens, feature_regression_loss
 from featcache.manifest import Manifest
 
-from .conftest import IMG, make_student
+from featcache.testing.students import IMG, make_student
 
 
 def test_pure_loss_mse_and_l1():

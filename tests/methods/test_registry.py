@@ -7,7 +7,7 @@ import torch
 
 from featcache.methods import METHODS, DistillTask, MethodContext
 
-from .conftest import IMG, make_student
+from featcache.testing.students import IMG, make_student
 
 
 def build(name, manifest):

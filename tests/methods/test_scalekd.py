@@ -11,7 +11,7 @@ from featcache.methods import METHODS, DistillTask, MethodContext, student_forwa
 from featcache.methods.scalekd import (CrossAttentionProjector, frequency_view_loss, remove_dc, soft_ce_kd,
                                        spatial_view_loss)
 
-from .conftest import CLASSES, IMG, TEACHER_KWARGS, make_student
+from featcache.testing.students import CLASSES, IMG, TEACHER_KWARGS, make_student
 
 ScaleKD = METHODS.get("scalekd")
 
@@ -185,7 +185,7 @@ def test_cli_extract_then_train_scalekd(tmp_path, student, args):
     import json
 
     from click.testing import CliRunner
-    from helpers import cli_extract_tiny_vit
+    from featcache.testing.caches import cli_extract_tiny_vit
 
     from featcache.cli import main
 

@@ -12,7 +12,7 @@ from featcache.methods.vitkd import (apply_mask, correlation_mimic_loss, random_
                                      vitkd_mimic_loss)
 from featcache.manifest import Manifest
 
-from .conftest import IMG, make_student
+from featcache.testing.students import IMG, make_student
 
 B, N, DT, DS = 2, 16, 48, 32
 

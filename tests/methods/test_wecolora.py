@@ -7,7 +7,7 @@ import torch
 from featcache.methods import METHODS, DistillTask, MethodContext, student_forward
 from featcache.methods.wecolora import LoRALinear, wecolora_loss
 
-from .conftest import IMG, TEACHER_KWARGS
+from featcache.testing.students import IMG, TEACHER_KWARGS
 
 WeCoLoRA = METHODS.get("wecolora")
 
@@ -165,7 +165,8 @@ def test_cli_extract_train_wecolora_then_probe(tmp_path):
     import json
 
     from click.testing import CliRunner
-    from helpers import cli_extract_tiny_vit, make_image_folder
+    from featcache.testing.caches import cli_extract_tiny_vit
+    from featcache.testing.images import make_image_folder
 
     from featcache.cli import main
 

@@ -18,7 +18,7 @@ from featcache.errors import CacheError
 from featcache.stores.base import create_writer, open_reader
 from featcache.stores.codecs import encode_targets
 from featcache.stores.wds_store import parse_member, split_shards
-from toystore import toy_manifest, toy_records, toy_targets, unit_slice, write_toy
+from featcache.testing.toystore import toy_manifest, toy_records, toy_targets, unit_slice, write_toy
 
 
 def _cache(tmp_path: Path, fmt: str, **kw):

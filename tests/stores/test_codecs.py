@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featcache.stores import codecs as C
-from toystore import toy_manifest, toy_targets
+from featcache.testing.toystore import toy_manifest, toy_targets
 
 
 def _vit_like(seed: int = 0, n: int = 6, tokens: int = 17, dim: int = 64) -> np.ndarray:

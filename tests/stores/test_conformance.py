@@ -11,7 +11,7 @@ from featcache.errors import CacheError
 
 from featcache.stores.base import create_writer, open_reader
 from featcache.stores.codecs import decode_targets, encode_targets
-from toystore import FORMATS, RowDataset, snapshot, toy_manifest, toy_records, toy_targets, unit_slice, write_toy
+from featcache.testing.toystore import FORMATS, RowDataset, snapshot, toy_manifest, toy_records, toy_targets, unit_slice, write_toy
 
 SETTINGS = [("fp16", "none", None), ("bf16", "blosc-zstd:5:bitshuffle", 5), ("fp32", "int8+zstd", None)]
 

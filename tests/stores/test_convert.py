@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_image_folder
+from featcache.testing.images import make_image_folder
 
 from featcache.cli import main
 from featcache.config import ExtractConfig
@@ -14,7 +14,7 @@ from featcache.errors import CacheError
 from featcache.stores.base import open_reader
 from featcache.stores.codecs import decode_targets, encode_targets, error_bound
 from featcache.stores.report import codec_report, format_report
-from toystore import toy_manifest, toy_records, toy_targets, write_toy
+from featcache.testing.toystore import toy_manifest, toy_records, toy_targets, write_toy
 
 FORMATS = ("zarr", "wds", "hdf5")
 
@@ -139,7 +139,7 @@ def test_convert_cli_and_report(tmp_path):
 @pytest.mark.slow
 def test_training_reads_every_backend_and_codec(extracted, tmp_path):
     """Stage 2 reads lossy/top-k caches in any backend transparently (one short KD epoch each)."""
-    from train_helpers import STUDENT, reset_accelerate
+    from featcache.testing.caches import STUDENT, reset_accelerate
 
     from featcache.config import TrainConfig
     from featcache.engine import train

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import zarr
-from toystore import toy_manifest, toy_records, toy_targets, write_toy
+from featcache.testing.toystore import toy_manifest, toy_records, toy_targets, write_toy
 
 from featcache.errors import CacheError
 

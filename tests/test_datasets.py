@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_folder, random_image
-from train_helpers import make_cache
+from featcache.testing.images import make_image_folder, random_image
+from featcache.testing.caches import make_cache
 
-from featcache.data import open_source, source_from_manifest
-from featcache.dataset import (CachedViewDataset, EpochSampler, EvalDataset, ReplayDriftError, choose_view,
+from featcache.sources import open_source, source_from_manifest
+from featcache.datasets import (CachedViewDataset, EpochSampler, EvalDataset, ReplayDriftError, choose_view,
                                labelled_mask)
 from featcache.stores.base import open_reader
 from featcache.views import Recipe, fingerprint

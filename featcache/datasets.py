@@ -24,12 +24,42 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .data import ImageSource
+from .errors import DecodeError
+from .sources import ImageSource
 from .errors import ReplayDriftError
 from .stores.base import StoreReader
-from .views import Recipe, eval_recipe, fingerprint, replay, sample_params
+from .views import Recipe, eval_recipe, fingerprint, make_view, replay, sample_params
 
 VIEW_POLICIES = ("cycle", "random")
+
+
+class ViewDataset(Dataset):
+    """Row -> the replayed uint8 view and its records. Randomness comes from ``view_seed`` alone, so the
+    result does not depend on worker count, batch size or which rows a resumed run still needs."""
+
+    def __init__(self, source: ImageSource, recipe: Recipe, seed: int, views: int, rows: list[int],
+                 skip_corrupt: bool = False) -> None:
+        self.source, self.recipe, self.seed, self.views = source, recipe, seed, views
+        self.rows, self.skip_corrupt = rows, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        sample, view = divmod(row, self.views)
+        item = {"row": row, "sample": sample, "view": view, "label": self.source.items[sample].label, "error": ""}
+        try:
+            image = self.source.load(sample)
+        except DecodeError as err:  # reported by the main process, which names the file or records the skip
+            size = self.recipe.img_size
+            reason = f"{type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else str(err)
+            return dict(item, image=torch.zeros(3, size, size, dtype=torch.uint8), seed=0, valid=0, fingerprint=0,
+                        params=np.zeros(len(self.recipe.param_names)), error=reason, path=err.path,
+                        relpath=err.relpath or self.source.items[sample].relpath)
+        v = make_view(image, self.recipe, self.seed, sample, view)
+        return dict(item, image=v.image, seed=v.seed, params=v.params, fingerprint=v.fingerprint, valid=1, path="",
+                    relpath="")
 
 
 def choose_view(policy: str, valid_views: Sequence[int], epoch: int, sample: int, seed: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from helpers import make_image_folder
+from .images import make_image_folder
 
 # The done-when example of stage 1: deit3_small (random init) at 32 px, blocks 0,1,11, 2 views, 2 shots x 3 classes.
 CACHE_ARGS: dict[str, Any] = dict(teacher="deit3_small", pretrained=False, img_size=32, layers=[0, 1, 11], views=2,
@@ -35,3 +35,25 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+TINY_VIT_TEACHER = {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
+
+
+def cli_extract_tiny_vit(root: Path, layers: str = "-1", classes: int = 3) -> tuple[Path, Path]:
+    """`featcache extract` (through the CLI) of a random-init 4-block, width-48 ViT teacher at 32 px over a fresh
+    ImageFolder; returns (data, cache)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    data = make_image_folder(Path(root) / "train", classes=classes, per_class=4, size=(36, 40))
+    cache = Path(root) / "cache"
+    res = CliRunner().invoke(main, [
+        "extract", "--data", str(data), "--out", str(cache), "--teacher", "vit_tiny_patch16_224", "--no-pretrained",
+        "--img-size", "32", "--num-classes", str(classes), "--teacher-kwargs", json.dumps(TINY_VIT_TEACHER),
+        "--layers", layers, "--views", "2", "--workers", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return data, cache

@@ -1,4 +1,4 @@
-"""Tests for featcache.data: folder/wds discovery, subsets, safety, decode errors, manifest round-trip, pickling."""
+"""Tests for featcache.sources: folder/wds discovery, subsets, safety, decode errors, manifest round-trip, pickling."""
 import io
 import json
 import pickle
@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_folder, make_wds_shards, random_image
+from featcache.testing.images import make_image_folder, make_wds_shards, random_image
 from PIL import Image, ImageFile
 
-from featcache.data import (ImageDecodeError, SourceItem, file_list_sha256, open_source, select_subset,
+from featcache.sources import (ImageDecodeError, SourceItem, file_list_sha256, open_source, select_subset,
                             source_from_manifest, source_manifest_entry)
 from featcache.errors import CacheError
 

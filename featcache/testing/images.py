@@ -1,4 +1,4 @@
-"""Small data generators shared by the test files (``from helpers import make_image_folder``).
+"""Images for tests: random pictures, ImageFolder trees and WebDataset image shards.
 
 Signatures are stable: other test modules rely on them.
 """
@@ -67,25 +67,3 @@ def make_wds_shards(root: str | Path, classes: int = 3, per_class: int = 4, size
                 _add_member(tar, f"s{i:06d}.{ext}", buf.getvalue())
                 _add_member(tar, f"s{i:06d}.cls", str(label).encode())
     return root
-
-
-TINY_VIT_TEACHER = {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
-
-
-def cli_extract_tiny_vit(root: Path, layers: str = "-1", classes: int = 3) -> tuple[Path, Path]:
-    """`featcache extract` (through the CLI) of a random-init 4-block, width-48 ViT teacher at 32 px over a fresh
-    ImageFolder; returns (data, cache)."""
-    import json
-
-    from click.testing import CliRunner
-
-    from featcache.cli import main
-
-    data = make_image_folder(Path(root) / "train", classes=classes, per_class=4, size=(36, 40))
-    cache = Path(root) / "cache"
-    res = CliRunner().invoke(main, [
-        "extract", "--data", str(data), "--out", str(cache), "--teacher", "vit_tiny_patch16_224", "--no-pretrained",
-        "--img-size", "32", "--num-classes", str(classes), "--teacher-kwargs", json.dumps(TINY_VIT_TEACHER),
-        "--layers", layers, "--views", "2", "--workers", "0", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    return data, cache

@@ -1,4 +1,4 @@
-"""Toy caches for the store tests (imported by tests/stores/test_*.py): a small manifest, random targets with
+"""Toy caches for the store tests: a small manifest, random targets with
 outlier channels, records."""
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""Helpers for featcache's own tests and for plugin authors' tests (zarr ships ``zarr.testing`` the same way).
+
+``images``: random images, ImageFolder trees and WebDataset image shards; ``caches``: tiny caches extracted with a
+random-init teacher, and a clean Accelerate state; ``toystore``: synthetic manifests, targets and records for the
+store conformance suite. Nothing here is imported by featcache itself.
+"""
