@@ -27,7 +27,8 @@ from featcache.config import ExtractConfig
 from featcache.sources import open_source
 from featcache.extract import run_extract
 from featcache.durable import disk_bytes
-from featcache.teachers import load_teacher, resolve_device
+from featcache.models import resolve_device
+from featcache.teachers import load_teacher
 from featcache.views import default_recipe, make_view, normalize
 
 

@@ -27,9 +27,8 @@ import torch
 
 from featcache.manifest import Manifest
 
-from featcache.stores.base import create_writer, open_reader
-from featcache.stores.codecs import array_specs, decode_targets, encode_targets, targets_section
-from featcache.stores.report import array_nbytes
+from featcache.stores import create_writer, open_reader
+from featcache.stores.encodings import array_specs, decode_targets, encode_targets, targets_section
 
 CODECS = [("fp16", "none", None), ("fp16", "blosc-zstd:5:shuffle", None), ("fp16", "bitround:7", None),
           ("fp16", "int8+zstd", None), ("bf16", "zstd:3", 10)]
@@ -122,7 +121,7 @@ def bench_one(root: Path, fmt: str, dtype: str, codec: str, topk: int | None, ta
     fp16_bytes = sum(v[0].size for v in targets.values()) * 2
     read_s, dec_s = decode_rate(reader)  # first pass warms the page cache
     read_s, dec_s = decode_rate(reader)
-    per_view = sum(array_nbytes(reader, path).values()) / m.num_rows
+    per_view = sum(reader.array_nbytes().values()) / m.num_rows
     row = {"format": fmt, "dtype": dtype, "codec": codec + (f" topk{topk}" if topk else ""),
            "bytes_per_view": per_view, "ratio_fp16": per_view / fp16_bytes,
            "encode_MBps": raw_mb / enc_s, "write_MBps": raw_mb / write_s, "decode_MBps": raw_mb / dec_s,

@@ -68,7 +68,7 @@ def time_components(cache: str, args: argparse.Namespace) -> tuple[float, float]
     The step is the run's own `DistillTask` (student + the method's adapters): forward, backward and AdamW on
     an in-memory batch of cached targets, i.e. (a) without data loading.
     """
-    from featcache._engine import build_student, build_task, resolve_methods
+    from featcache.build import build_student, build_task, resolve_methods
     from featcache.config import TrainConfig
     from featcache.stores.base import open_reader
     from featcache.teachers import teacher_from_manifest

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from featcache import rundir
 from featcache.config import ExtractConfig, TrainConfig
 from featcache.demo import MODEL, DemoConfig, ensure_teacher, write_digits
 from featcache.engine import train
@@ -95,9 +95,7 @@ def save_step0_student(cache: str, out: Path, args: argparse.Namespace) -> Path:
     plain = wecolora(MethodContext(manifest, student, int(manifest["img_size"])), **kwargs).export_student(student)
     run = out / "runs" / f"wecolora_step0_k{args.k}"  # B = 0 / no LoRA: the same model for every rank
     run.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(run / "student.safetensors"))
-    spec = dict(plain.featcache_spec, mean=list(plain.pretrained_cfg["mean"]), std=list(plain.pretrained_cfg["std"]))
-    (run / "student.json").write_text(json.dumps(spec))
+    rundir.write_student(run, plain, plain.featcache_spec, plain.pretrained_cfg["mean"], plain.pretrained_cfg["std"])
     return run
 
 

@@ -12,10 +12,11 @@ import math
 from typing import Any, Mapping, Sequence
 
 from .errors import CompatError
-from .manifest import Manifest
+from .manifest import Manifest, block_index, is_block
 
-# (method name, method class, its keyword arguments)
-MethodSpec = tuple[str, type, Mapping[str, Any]]
+#: ``(name, method class, keyword arguments, ...)``: ``featcache.methods.task.MethodSpec`` or a plain triple; fields
+#: after the third (the composite weight) are not read here.
+MethodSpec = Sequence[Any]
 
 
 def check(manifest: Manifest, cfg: Any, methods: Sequence[MethodSpec]) -> None:
@@ -34,7 +35,7 @@ def check_teacher(manifest: Manifest, expected: str | None) -> list[str]:
     """The run's ``--teacher`` (alias, timm name or architecture) must be the teacher the cache was made with."""
     if not expected:
         return []
-    from .teachers import resolve_name
+    from .models import resolve_name
 
     t = manifest["teacher"]
     known = {t.get("name"), t.get("timm_name"), t.get("architecture")}
@@ -64,43 +65,53 @@ def check_dtype(manifest: Manifest, expected: str | None) -> list[str]:
 
 def check_targets(manifest: Manifest, methods: Sequence[MethodSpec]) -> list[str]:
     """Every target a method reads must be in the cache; missing teacher blocks are named with the fix."""
-    cached = set(manifest["targets"])
     problems = []
-    for name, cls, args in methods:
+    for name, cls, args, *_ in methods:
         try:
             needed = cls.required_targets(manifest, **args)
         except (TypeError, ValueError) as err:
             problems.append(f"method {name}: {err}")
             continue
-        missing = [t for t in needed if t not in cached]
-        blocks = sorted(int(t.split("_", 1)[1]) for t in missing if t.startswith("block_"))
-        if blocks:
-            layers = ",".join(str(i) for i in sorted(set(manifest.layers) | set(blocks)))
-            problems.append(f"layers: cache lacks teacher blocks {blocks} needed by {name} (cached: "
-                            f"{sorted(manifest.layers)}); re-extract with --layers {layers}")
-        others = [t for t in missing if not t.startswith("block_")]
-        if others:
-            problems.append(f"targets: cache lacks {others} needed by {name} (cached: {sorted(cached)}); "
-                            "re-extract with a teacher that has a classifier head")
+        problems += _missing_targets(manifest, name, [t for t in needed if t not in manifest["targets"]])
+    return problems
+
+
+def _missing_targets(manifest: Manifest, method: str, missing: list[str]) -> list[str]:
+    """One sentence for missing teacher blocks (with the ``--layers`` that would add them), one for the rest."""
+    problems = []
+    blocks = sorted(block_index(t) for t in missing if is_block(t))
+    if blocks:
+        layers = ",".join(str(i) for i in sorted(set(manifest.layers) | set(blocks)))
+        problems.append(f"layers: cache lacks teacher blocks {blocks} needed by {method} (cached: "
+                        f"{sorted(manifest.layers)}); re-extract with --layers {layers}")
+    others = [t for t in missing if not is_block(t)]
+    if others:
+        problems.append(f"targets: cache lacks {others} needed by {method} (cached: {sorted(manifest['targets'])}); "
+                        "re-extract with a teacher that has a classifier head")
     return problems
 
 
 def check_classes(manifest: Manifest, num_classes: int | None, methods: Sequence[MethodSpec]) -> list[str]:
     """The student head must cover the data's labels, and match the teacher's logits when a method reads them."""
-    teacher_classes = int(manifest["teacher"]["num_classes"])
-    student = int(num_classes) if num_classes is not None else teacher_classes
-    problems = []
+    student = int(num_classes) if num_classes is not None else int(manifest["teacher"]["num_classes"])
     data_classes = len(manifest["data"]["classes"])
+    problems = []
     if student < data_classes:
         problems.append(f"classes: the data has {data_classes} classes but the student head would have {student}; "
                         f"pass --num-classes {data_classes} or more")
+    return problems + _check_logit_classes(manifest, student, methods)
+
+
+def _check_logit_classes(manifest: Manifest, student: int, methods: Sequence[MethodSpec]) -> list[str]:
+    """A method comparing logits needs the student's classes to be the teacher's."""
     logits = manifest["targets"].get("logits")
-    uses_logits = [n for n, cls, args in methods if "logits" in _safe_required(cls, manifest, args)]
-    if uses_logits and logits is not None and int(logits["shape"][-1]) != student:
-        problems.append(f"classes: {', '.join(uses_logits)} compare{'s' if len(uses_logits) == 1 else ''} the "
-                        f"student's {student} logits with the teacher's {logits['shape'][-1]}; drop --num-classes "
-                        f"(the student then gets the teacher's {logits['shape'][-1]} classes)")
-    return problems
+    uses_logits = [n for n, cls, args, *_ in methods if "logits" in _safe_required(cls, manifest, args)]
+    if not uses_logits or logits is None or int(logits["shape"][-1]) == student:
+        return []
+    teacher = logits["shape"][-1]
+    return [f"classes: {', '.join(uses_logits)} compare{'s' if len(uses_logits) == 1 else ''} the student's "
+            f"{student} logits with the teacher's {teacher}; drop --num-classes (the student then gets the "
+            f"teacher's {teacher} classes)"]
 
 
 def check_token_layout(manifest: Manifest) -> list[str]:
@@ -113,7 +124,7 @@ def check_token_layout(manifest: Manifest) -> list[str]:
     problems = []
     for name in manifest.target_names:
         shape = manifest["targets"][name]["shape"]
-        if name.startswith("block_") and int(shape[0]) != expected:
+        if is_block(name) and int(shape[0]) != expected:
             problems.append(f"token layout: {name} holds {shape[0]} tokens, but the teacher's layout "
                             f"({t.get('num_prefix_tokens', 0)} prefix + {grid} grid) has {expected}; the manifest "
                             "is inconsistent, re-extract the cache")

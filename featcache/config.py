@@ -1,115 +1,170 @@
-"""Configs for extraction and training: dataclasses with the defaults, validation and YAML round-trip.
+"""Configs for extraction and training: each default, help text and validation written once, plus YAML round-trip.
 
 Config flows one way: recipe YAML + CLI overrides (options the user typed win) -> dataclass -> ``validate()`` ->
-saved ``config.yaml``.
-CLI option names are the field names with ``_`` -> ``-`` (``--batch-size`` sets ``batch_size``).
+saved ``config.yaml``. Every field is declared with :func:`setting`, which keeps the default next to the help text
+and the hints the command line needs (the pattern of Accelerate's ``utils/dataclasses.py``, whose fields carry
+``metadata={"help": ...}``); :mod:`featcache.cli` builds its options from these fields, so no default is written a
+second time. CLI option names are the field names with ``_`` -> ``-`` (``--batch-size`` sets ``batch_size``).
+
+Choices that a registry owns (store formats, dtypes, data formats, view policies, methods) are stored as a
+``"module:NAME"`` reference and resolved by the CLI when it builds the option: this module sits at the bottom of
+the package's layers and must stay cheap to import, so it imports no registry.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
+from .errors import ConfigError, MissingFileError
+
 C = TypeVar("C")
+
+
+def setting(default: Any, help: str, **cli: Any) -> Any:
+    """A config field holding its one default and the help text and hints its CLI option is built from.
+
+    Args:
+        default: the default; a list or dict is deep-copied for every instance.
+        help: the option's help text; ``[...]`` at the end says what the default (often ``None``) means.
+        **cli: hints read by :mod:`featcache.cli`. ``choices``: a tuple, or ``"module:NAME"`` naming a registry,
+            sequence or mapping whose names are the allowed values. ``listed``: the same form, names shown in the
+            help but not enforced (``--method`` also takes composites). ``toggle``: a ``--x/--no-x`` pair for a
+            bool that defaults to False (a bool defaulting to True is always a pair). ``option``, ``multiple``,
+            ``metavar``: a differently named, repeatable option. ``none_if``: the option value that means None
+            (``--grad-clip 0``). ``cli=False``: no option (library-only).
+
+    Returns:
+        A :func:`dataclasses.field`.
+    """
+    metadata = {"help": help, **cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+STORE_FORMATS = "featcache.stores:WRITERS"
+FLOAT_DTYPES = "featcache.stores.precision:DTYPES"
 
 
 @dataclass
 class ExtractConfig:
     """Stage 1: which teacher, which data, which views, where and how to store."""
 
-    data: str = ""
-    out: str = ""
-    teacher: str = "deit3_small"
-    pretrained: bool = True
-    checkpoint: str | None = None
-    img_size: int | None = None  # None: the teacher's default input size
-    num_classes: int | None = None
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (recorded)
-    layers: list[int] = field(default_factory=lambda: [0, 1, -1])
-    data_format: str | None = None  # folder | wds; None: detect
-    shots: int | None = None
-    fraction: float | None = None
-    subset_seed: int = 0
-    views: int = 4
-    seed: int = 0
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (DeiT default)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.0
-    format: str = "zarr"
-    dtype: str = "fp16"
-    codec: str = "none"
-    topk: int | None = None
-    shard_size: int = 256
-    batch_size: int = 64
-    workers: int = 2
-    device: str = "auto"
-    overwrite: bool = False
-    skip_corrupt: bool = False
+    data: str = setting("", "Images: an ImageFolder tree (root/<class>/<image>) or WebDataset shards.")
+    out: str = setting("", "The cache to write (a Zarr directory for --format zarr).")
+    teacher: str = setting("deit3_small", "Alias (see `featcache teachers`) or any timm model name[.tag].")
+    pretrained: bool = setting(True, "Load timm's pretrained weights (offline hub cache works); --no-pretrained: "
+                                     "seeded random init.")
+    checkpoint: str | None = setting(None, "Local .safetensors or torch state dict (loaded weights_only).")
+    img_size: int | None = setting(None, "Input side in pixels [the teacher's pretrained size].")
+    num_classes: int | None = setting(None, "Override the teacher's classifier size.")
+    # Recorded in the manifest, so a cache names the exact architecture it came from.
+    teacher_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 4}\'.')
+    layers: list[int] = setting([0, 1, -1], "Teacher blocks to cache (negative: from the end).")
+    data_format: str | None = setting(None, "Source kind [detect].", choices="featcache.sources:KINDS")
+    shots: int | None = setting(None, "Images per class (seeded subset) [all].")
+    fraction: float | None = setting(None, "Fraction of each class instead of --shots.")
+    subset_seed: int = setting(0, "Seed of the subset draw.")
+    views: int = setting(4, "Augmented views per image (K).")
+    seed: int = setting(0, "View seed: view = f(seed, sample, view).")
+    scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop scale.")  # DeiT's default area range
+    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "Crop aspect ratios.")
+    hflip: float = setting(0.5, "Horizontal flip probability.")
+    color_jitter: float = setting(0.0, "ColorJitter strength (0: off).")
+    format: str = setting("zarr", "Store backend.", choices=STORE_FORMATS)
+    dtype: str = setting("fp16", "Stored float type of the features and logits.", choices=FLOAT_DTYPES)
+    codec: str = setting("none", "Target codec (see docs/FORMAT.md).")
+    topk: int | None = setting(None, "Keep only the top-k logits per view (codec-dependent).")
+    shard_size: int = setting(256, "Views per shard = per resumable unit = per teacher forward pass.")
+    batch_size: int = setting(64, "Views per loader batch.")
+    workers: int = setting(2, "DataLoader worker processes.")
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1 ...")
+    overwrite: bool = setting(False, "Delete an existing cache at --out and start afresh.")
+    skip_corrupt: bool = setting(False, "Skip unreadable images (zeros, valid=0, listed in the manifest) instead of "
+                                        "stopping with the file named.")
 
     def validate(self) -> None:
+        """Refuse settings no extraction can run with, before any model is loaded."""
         if not self.data or not self.out:
-            raise ValueError("extract needs --data DIR (images) and --out PATH (the cache)")
+            raise ConfigError("extract needs --data DIR (images) and --out PATH (the cache)")
         if self.shots is not None and self.fraction is not None:
-            raise ValueError("give --shots or --fraction, not both")
+            raise ConfigError("give --shots or --fraction, not both")
         if self.views < 1:
-            raise ValueError(f"--views must be >= 1, got {self.views}")
+            raise ConfigError(f"--views must be >= 1, got {self.views}")
         if not self.layers:
-            raise ValueError("--layers must name at least one teacher block, e.g. --layers 0,1,11")
+            raise ConfigError("--layers must name at least one teacher block, e.g. --layers 0,1,11")
 
 
 @dataclass
 class TrainConfig:
     """Stage 2: one student trained from one cache with one (composite) method."""
 
-    cache: str = ""
-    out: str = "runs/run"
-    method: str = "kd"
-    method_args: dict[str, Any] = field(default_factory=dict)  # {"alpha": 3e-5} or {"vitkd": {...}, "nkd": {...}}
-    student: str = "deit_tiny"
-    pretrained: bool = False
-    student_checkpoint: str | None = None
-    student_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-    img_size: int | None = None  # None: the cache's image size
-    num_classes: int | None = None  # None: the teacher's
-    data: str | None = None  # source images; None: the root recorded in the cache
-    val: str | None = None
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-3
-    lr_base_batch: int | None = None  # lr is scaled by batch_size * grad_accum * processes / lr_base_batch
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 0.0
-    grad_clip: float | None = 5.0
-    label_smoothing: float = 0.1
-    ce_weight: float | None = None  # None: the methods' default (0 for label-free methods)
-    label_shots: int | None = None  # keep labels for this many samples per class; the rest are unlabelled
-    view_policy: str = "cycle"  # cycle: view = (epoch + offset(sample)) mod K; random: uniform per epoch
-    fingerprint_checks: int = 16  # replayed views checked against the stored fingerprint per epoch
-    online_teacher: bool = False
-    mixed_precision: str = "no"
-    seed: int = 0
-    workers: int = 2
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
-    resume: bool = False
-    log_every: int = 10
-    teacher: str | None = None  # expected teacher (alias/timm name); checked against the cache before step 0
-    cache_dtype: str | None = None  # expected storage dtype (fp32|fp16|bf16); checked before step 0
+    cache: str = setting("", "The cache made by `featcache extract`.")
+    out: str = setting("runs/run", "Run directory (metrics, checkpoints, student).")
+    method: str = setting("kd", "Registered method, or several with weights: vitkd+nkd, vitkd:1+nkd:0.5.",
+                          listed="featcache.methods:METHODS")
+    # {"alpha": 3e-5}, or per part of a composite {"vitkd": {...}, "nkd": {...}}
+    method_args: dict[str, Any] = setting({}, "Method keyword argument (YAML value), repeatable; name.key=value for "
+                                              "one part of a composite.", option="method_arg", multiple=True,
+                                          metavar="KEY=VALUE")
+    student: str = setting("deit_tiny", "Any timm model name or alias.")
+    pretrained: bool = setting(False, "Start the student from timm's pretrained weights (else a --seed-ed random "
+                                      "init).", toggle=True)
+    student_checkpoint: str | None = setting(None, "Local .safetensors/state dict for the student's init.")
+    student_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 6}\'.')
+    img_size: int | None = setting(None, "Student input size; must equal the cache's [the cache's].")
+    num_classes: int | None = setting(None, "Student classifier size [the teacher's].")
+    data: str | None = setting(None, "Where the source images live now [the root recorded in the cache].")
+    val: str | None = setting(None, "Held-out ImageFolder for top-1/top-5 after each epoch (resize + crop).")
+    epochs: int = setting(10, "Epochs over the cached samples.")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps.")
+    batch_size: int = setting(64, "Views per batch and process.")
+    grad_accum: int = setting(1, "Gradient accumulation steps.")
+    lr: float = setting(1e-3, "Peak learning rate (AdamW).")
+    # lr is scaled by batch_size * grad_accum * processes / lr_base_batch (the linear scaling rule)
+    lr_base_batch: int | None = setting(None, "Scale --lr by effective batch / this [no scaling].")
+    min_lr: float = setting(1e-5, "Final learning rate of the cosine.")
+    weight_decay: float = setting(0.05, "AdamW weight decay (not on 1-D).")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.")
+    warmup_epochs: float = setting(0.0, "Linear warmup length (per step).")
+    grad_clip: float | None = setting(5.0, "Max gradient norm (0: off).", none_if=0)
+    label_smoothing: float = setting(0.1, "Of the label cross-entropy.")
+    ce_weight: float | None = setting(None, "Label CE weight [the methods' default].")  # label-free methods: 0
+    label_shots: int | None = setting(None, "Keep labels for this many samples per class [all].")
+    view_policy: str = setting("cycle", "cycle: view = (epoch + per-sample offset) mod K; random: uniform per epoch "
+                                        "and sample.", choices="featcache.datasets:VIEW_POLICIES")
+    fingerprint_checks: int = setting(16, "Replayed views per epoch checked against their stored fingerprint.")
+    online_teacher: bool = setting(False, "Compute the targets with the live teacher on the same replayed views "
+                                          "(parity check and speed baseline) instead of reading the cache.")
+    # Accelerate's own list also has fp8, which needs hardware and kernels featcache does not test.
+    mixed_precision: str = setting("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
+    seed: int = setting(0, "Seed of init, order, views and masks.")
+    workers: int = setting(2, "DataLoader worker processes.")
+    checkpoint_every: int = setting(0, "Checkpoint every N steps (and at each epoch end; 0: epoch ends only).")
+    resume: bool = setting(False, "Continue the run in --out from its latest checkpoint.")
+    log_every: int = setting(10, "Steps between metric records.")
+    teacher: str | None = setting(None, "Expected teacher (alias or timm name); a cache from another teacher is "
+                                        "refused before step 0.")
+    cache_dtype: str | None = setting(None, "Expected storage dtype of the cache (e.g. fp32 for parity runs).",
+                                      choices=FLOAT_DTYPES)
 
     def validate(self) -> None:
+        """Refuse settings no training can run with, before the cache or any model is opened.
+
+        Choice fields are checked where their registry lives (the CLI checks them on entry, the dataset again), so
+        that this module imports no registry.
+        """
         if not self.cache:
-            raise ValueError("train needs --cache PATH (made by `featcache extract`)")
-        if self.view_policy not in ("cycle", "random"):
-            raise ValueError(f"--view-policy must be 'cycle' or 'random', got {self.view_policy!r}")
+            raise ConfigError("train needs --cache PATH (made by `featcache extract`)")
         if self.epochs < 1:  # --max-steps only cuts a run short; the epochs still bound the schedule
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
 
 
 def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
@@ -117,37 +172,141 @@ def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in values:
             v = values[f.name]
+            # YAML has no tuples: a list read back for a tuple field becomes the tuple the dataclass declares.
             kwargs[f.name] = tuple(v) if isinstance(f.default, tuple) and v is not None else v
     return cls(**kwargs)
 
 
+def from_options(cls: type[C], values: Mapping[str, Any]) -> C:
+    """Build ``cls`` from option values as typed (or as a YAML file gives them), then :func:`from_dict`.
+
+    Text becomes the field's value here: ``0,1,11`` an int list, ``'{"depth": 4}'`` a dict, repeated ``KEY=VALUE``
+    pairs the ``method_args`` dict; a field's ``none_if`` value (``--grad-clip 0``) becomes None.
+    """
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        _coerce(f, values)
+    return from_dict(cls, values)
+
+
+def _coerce(f: dataclasses.Field, values: dict[str, Any]) -> None:
+    """Turn the option text of field ``f`` in ``values`` into its config value, in place."""
+    meta, value = f.metadata, values.get(f.name)
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    if "option" in meta:
+        values[f.name] = parse_pairs(values.pop(meta["option"], ()), value)
+    elif isinstance(default, dict) and f.name in values:
+        values[f.name] = parse_json_object(value, f.name)
+    elif isinstance(default, list) and isinstance(value, str):
+        values[f.name] = parse_int_list(value, f.name)
+    if "none_if" in meta and values.get(f.name) == meta["none_if"]:
+        values[f.name] = None
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def parse_int_list(text: str, key: str = "layers") -> list[int]:
+    """``'0,1,11'`` -> ``[0, 1, 11]``."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{_option(key)}: expected comma-separated integers like 0,1,11, got {text!r}") from None
+
+
+def parse_json_object(raw: Any, key: str) -> dict[str, Any]:
+    """A JSON-object option (``--teacher-kwargs '{"depth": 4}'``) as a dict; a dict (from YAML) passes through."""
+    if not isinstance(raw, str):
+        return raw or {}
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{_option(key)}: {raw!r} is not JSON ({err}); write e.g. '{{\"depth\": 4}}'") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{_option(key)}: expected a JSON object like '{{\"depth\": 4}}', got {raw!r}")
+    return parsed
+
+
+def parse_pairs(pairs: Iterable[str], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``("alpha=3e-5", "nkd.temperature=2")`` -> ``{"alpha": 3e-5, "nkd": {"temperature": 2}}`` over ``base``.
+
+    Values are read as YAML, so ``[0, 1]`` is a list and ``true`` a bool; ``name.key`` sets one part of a composite.
+    """
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or {}).items()}
+    for pair in pairs or ():
+        key, sep, raw = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-arg: expected key=value or method.key=value, got {pair!r}")
+        name, dot, sub = key.strip().partition(".")
+        if dot:
+            out.setdefault(name, {})[sub] = yaml_value(raw)
+        else:
+            out[name] = yaml_value(raw)
+    return out
+
+
+def yaml_value(raw: str) -> Any:
+    """A YAML scalar/list, with ``1e-4`` read as a float (YAML 1.1 reads exponents without a dot as strings)."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--method-arg: {raw!r} is not a YAML value ({err}); write e.g. 3e-5, [0, 1] or true"
+                          ) from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader (no tags that run code)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """Read a YAML mapping with the safe loader (no tags that run code).
+
+    Raises:
+        MissingFileError: the file does not exist.
+        ConfigError: the file is not YAML the safe loader accepts, or not a mapping at the top level.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MissingFileError(f"config file {str(path)!r} does not exist; check the path") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not a plain YAML file ({err}); configs are data: keys and values only, no "
+                          "!!python tags") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at the top level")
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level (key: value lines), got "
+                          f"{type(data).__name__}")
     return data
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain, YAML-safe dict of a config dataclass (tuples become lists)."""
+    return {k: _plain(v) for k, v in dataclasses.asdict(config).items()}
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
 
-    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+def _plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists, recursively: the safe dumper refuses Python tuples."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: _plain(x) for k, x in value.items()}
+    return value
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
+    """Write ``config`` as the YAML that :func:`load_yaml` + :func:`from_dict` read back to an equal config."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+__all__ = ["ExtractConfig", "TrainConfig", "setting", "from_dict", "from_options", "load_yaml", "parse_int_list",
+           "parse_json_object", "parse_pairs", "save_yaml", "to_dict", "yaml_value"]

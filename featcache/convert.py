@@ -17,16 +17,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import CacheError
-
 from .manifest import Manifest
+from .stores import StoreReader, create_writer, open_reader
+from .stores.encodings import (ErrorMeter, array_specs, decode_targets, encode_target, encoding, parse_codec,
+                               stored_names, target_encoding)
 
-from .stores.base import create_writer, open_reader
-from .stores.codecs import (ErrorMeter, array_specs, decode_targets, encode_target, parse_codec, stored_names,
-                            target_encoding)
 
-# Re-encoded targets of these kinds get their error measured (top-k drops classes by design: its loss is the
-# leftover mass, which `topk_probs` recovers, not an error on the logits).
-METERED = ("float", "bitround", "int8")
+def metered(spec: Mapping[str, Any]) -> bool:
+    """Whether a re-encoded target gets its error measured: element-wise encodings only (top-k drops classes by
+    design: its loss is the leftover mass, which ``topk_probs`` recovers, not an error on the logits)."""
+    return encoding(spec).elementwise
 
 
 def convert_manifest(src: Manifest, format: str, dtype: str | None = None, codec: str | None = None,
@@ -66,12 +66,12 @@ def copied_targets(src: Manifest, dst: Manifest) -> list[str]:
             and layout(src, name) == layout(dst, name)]
 
 
-def _read_unit(reader: Any, rows: range, names: list[str]) -> dict[str, np.ndarray]:
+def _read_unit(reader: StoreReader, rows: range, names: list[str]) -> dict[str, np.ndarray]:
     got = [reader.read_stored_row(r, names) for r in rows]
     return {n: np.stack([g[n] for g in got]) for n in names}
 
 
-def _unit_arrays(reader: Any, src: Manifest, dst: Manifest, rows: range, copy: list[str],
+def _unit_arrays(reader: StoreReader, src: Manifest, dst: Manifest, rows: range, copy: list[str],
                  meter: ErrorMeter) -> dict[str, np.ndarray]:
     out = _read_unit(reader, rows, stored_names(src, copy)) if copy else {}
     recode = [n for n in dst["targets"] if n not in copy]
@@ -81,7 +81,7 @@ def _unit_arrays(reader: Any, src: Manifest, dst: Manifest, rows: range, copy: l
             enc = dst["targets"][name]["encoding"]
             stored = encode_target(name, decoded[name], enc, classes=int(dst["targets"][name]["shape"][-1]))
             out.update(stored)
-            if enc["kind"] in METERED:
+            if metered(enc):
                 meter.add(name, decoded[name], decode_targets(stored, dst, [name])[name])
     return out
 
@@ -104,8 +104,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, dtype: 
     m_dst = convert_manifest(m_src, format, dtype, codec, topk, shard_size)
     writer = create_writer(dst, m_dst, format=format, overwrite=overwrite)
     copy = copied_targets(m_src, m_dst)
-    meter = ErrorMeter([n for n in m_dst["targets"] if n not in copy and
-                         m_dst["targets"][n]["encoding"]["kind"] in METERED])
+    meter = ErrorMeter([n for n in m_dst["targets"] if n not in copy and metered(m_dst["targets"][n]["encoding"])])
     records = reader.records()
     todo = sorted(set(range(m_dst.num_units)) - writer.completed_units())
     for unit in tqdm(todo, desc=f"convert -> {format}", unit="unit", disable=not progress):
@@ -113,12 +112,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, dtype: 
         arrays = _unit_arrays(reader, m_src, m_dst, rows, copy, meter)
         recs = {k: v[rows.start:rows.stop] for k, v in records.items()}
         writer.write_unit(unit, arrays, recs, skipped=list(m_src.get("skipped", [])) if unit == 0 else [])
-    errors = {n: dict(e, reference="decoded source cache") for n, e in meter.report().items()}
-    _record_errors(writer, errors if todo else {})
+    if todo:  # measured on the units written now (all of them, unless this run resumed an interrupted one)
+        writer.record_measured_error({n: dict(e, reference="decoded source cache") for n, e in meter.report().items()})
     return writer.finalize()
-
-
-def _record_errors(writer: Any, errors: Mapping[str, dict[str, Any]]) -> None:
-    # Written into the manifest the writer finalizes; "targets" is not part of the cache identity.
-    for name, err in errors.items():
-        writer.manifest["targets"][name]["measured_error"] = err

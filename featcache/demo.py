@@ -182,42 +182,51 @@ def train_teacher(cfg: DemoConfig, data: Path, path: Path, log: Callable[[str], 
 
     A plain loop on purpose: stage 2 (``featcache train``) needs a cache, and the teacher is what makes it.
     """
-    import torch.nn.functional as F
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .teachers import load_model, normalization
-    from .views import normalize
+    from .models import load_model, normalization
 
     torch.manual_seed(cfg.seed)
     model = load_model(MODEL, pretrained=False, img_size=cfg.img_size, num_classes=10, **cfg.teacher_kwargs())
     norm = normalization(model)
-    mean, std, interp = norm["mean"], norm["std"], norm["interpolation"]
     x_train, y_train = _load_split(data / "train")
-    x_test, y_test = _eval_split(data / "test", cfg.img_size, interp)
+    x_test, y_test = _eval_split(data / "test", cfg.img_size, norm["interpolation"])
     steps_per_epoch = math.ceil(len(x_train) / cfg.teacher_batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.teacher_lr, total_steps=cfg.teacher_epochs * steps_per_epoch,
                                                 pct_start=0.1)
     bar = tqdm(range(cfg.teacher_epochs), desc="teacher", unit="epoch")
     for epoch in bar:
-        model.train()
-        views = _teacher_views(x_train, cfg, epoch, interp)
-        order = torch.randperm(len(views))
-        for i in range(0, len(order), cfg.teacher_batch_size):
-            idx = order[i:i + cfg.teacher_batch_size]
-            loss = F.cross_entropy(model(normalize(views[idx], mean, std)), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    top1 = evaluate(model, x_test, y_test, mean, std)
+        views = _teacher_views(x_train, cfg, epoch, norm["interpolation"])
+        loss = _teacher_epoch(model, (opt, sched), views, y_train, norm, cfg.teacher_batch_size)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    top1 = evaluate(model, x_test, y_test, norm["mean"], norm["std"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     note = {"settings": _teacher_settings(cfg), "test_top1": top1}
     path.with_suffix(".json").write_text(json.dumps(note, indent=1))
     log(f"teacher: {top1:.1f} % top-1 on the {len(x_test)} test digits -> {path}")
     return note
+
+
+def _teacher_epoch(model: torch.nn.Module, optim: tuple[Any, Any], views: torch.Tensor, labels: torch.Tensor,
+                   norm: dict[str, Any], batch_size: int) -> float:
+    """One epoch of plain cross-entropy over a random order of ``views``; returns the last batch's loss."""
+    import torch.nn.functional as F
+
+    from .views import normalize
+
+    opt, sched = optim
+    model.train()
+    order = torch.randperm(len(views))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        loss = F.cross_entropy(model(normalize(views[idx], norm["mean"], norm["std"])), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return loss.item()
 
 
 def _teacher_settings(cfg: DemoConfig) -> dict[str, Any]:
@@ -247,7 +256,8 @@ def ensure_teacher(cfg: DemoConfig, data: Path, out: Path, log: Callable[[str], 
 def demo_runs(cfg: DemoConfig) -> list[dict[str, Any]]:
     """The sweep's runs: the baseline, the cache-only methods, online KD, and WeCoLoRA (label-free).
 
-    ViTKD's coefficients are *sums* over tokens and channels (METHODS.md §1.4): alpha 3e-5 and beta 3e-6 are
+    ViTKD's coefficients multiply *sums* over tokens and channels (Yang et al., "ViTKD: Practical Guidelines for
+    ViT feature knowledge distillation", 2022; official code ``yzd-v/cls_KD``): alpha 3e-5 and beta 3e-6 are
     tuned for 196 tokens x 384 channels. The demo teacher has 16 x 96, so both are scaled by
     (196 * 384) / (16 * 96) = 49 to give the losses the paper's per-element weight.
     """
@@ -318,7 +328,6 @@ def _online_cost(by_name: dict[str, dict[str, Any]]) -> list[str]:
 def run_demo(cfg: DemoConfig | None = None, jobs: int | None = None, log: Callable[[str], None] = print
              ) -> dict[str, Any]:
     """Run the whole demo; returns the report paths, the table rows, the verdict and per-stage seconds."""
-    from .report import summarize_run
     from .sweep import run_sweep
 
     cfg = cfg or DemoConfig()
@@ -334,11 +343,20 @@ def run_demo(cfg: DemoConfig | None = None, jobs: int | None = None, log: Callab
     jobs = jobs or min(os.cpu_count() or 1, 4)
     result = watch.stage("3/3 extract once + sweep", lambda: run_sweep(spec, jobs=jobs, raise_failures=False,
                                                                                  log=log))
-    rows = [summarize_run(Path(spec.out) / name).row for name in result["runs"]]
+    setting = (f"teacher: {teacher['test_top1']:.1f} % test top-1; students: {cfg.label_shots} labels per class + "
+               f"the teacher's targets for {cfg.views} cached views of all {info['train']} train images")
+    return {**_summarize(Path(spec.out), result, watch, setting, log), "teacher_top1": teacher["test_top1"]}
+
+
+def _summarize(runs_dir: Path, result: dict[str, Any], watch: Stopwatch, setting: str, log: Callable[[str], None]
+               ) -> dict[str, Any]:
+    """Print the table, ``setting``, the verdict, the timings and the paths; return what they are made of."""
+    from .report import summarize_run
+
+    rows = [summarize_run(runs_dir / name).row for name in result["runs"]]
     lines = verdict(rows)
     log("\n" + result["report"]["table"])
-    log(f"teacher: {teacher['test_top1']:.1f} % test top-1; students: {cfg.label_shots} labels per class + the "
-        f"teacher's targets for {cfg.views} cached views of all {info['train']} train images")
+    log(setting)
     log("\n".join(lines))
     timings = ", ".join(f"{k.split(' ', 1)[1]} {v:.0f} s" for k, v in watch.times.items())
     log(f"\ntotal {watch.total:.0f} s ({timings})")
@@ -347,4 +365,4 @@ def run_demo(cfg: DemoConfig | None = None, jobs: int | None = None, log: Callab
     if failed:
         log(f"FAILED runs (re-run the demo to retry them): {failed}")
     return {"report": result["report"], "rows": rows, "failed": failed, "verdict": lines, "seconds": dict(watch.times),
-            "total_s": watch.total, "teacher_top1": teacher["test_top1"]}
+            "total_s": watch.total}

@@ -17,27 +17,28 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 
-from .config import TrainConfig, save_yaml
-from ._engine import (MetricsLog, Meter, build_optimizer, build_scheduler, build_student, build_task,
-                           export_student, resolve_methods)
-from .stores.base import open_reader
-from .durable import write_atomic
-from .teachers import normalization  # the function only: the cached path never builds a teacher
+from . import rundir
+from .build import (OnlineTargets, build_eval_loader, build_optimizer, build_scheduler, build_student, build_task,
+                    build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
+from .config import TrainConfig, load_yaml, to_dict
+from .errors import ConfigError, RunExistsError
+from .methods.task import DistillTask
+from .models import normalization
+from .stores import open_reader
 from .views import normalize
 
-STATE_FILE = "featcache_state.json"
+#: Complete checkpoints kept on disk (older ones are deleted once a newer one is complete).
 KEEP_CHECKPOINTS = 2
 
 
@@ -71,7 +72,7 @@ class Run:
     mean: list[float]
     std: list[float]
     targets_fn: Any  # None: targets come from the batch (cache); else the online teacher
-    log: MetricsLog
+    log: "MetricsLog"
     costs: list[str]
     student_spec: dict[str, Any]
 
@@ -80,8 +81,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one student from one cache; write the run directory and return ``final.json``'s content."""
     cfg.validate()
     out = Path(cfg.out)
-    if (out / "final.json").is_file() and cfg.resume:
-        return json.loads((out / "final.json").read_text())
+    if cfg.resume and (final := rundir.read_final(out)) is not None:
+        return final
     _refuse_overwrite(out, cfg.resume)
     run = setup(cfg, out)
     state = restore(run) if cfg.resume else RunState()
@@ -98,23 +99,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _refuse_overwrite(out: Path, resume: bool) -> None:
-    if not resume and (out / "metrics.jsonl").exists():
-        raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+    if not resume and (out / rundir.METRICS_FILE).exists():
+        raise RunExistsError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def _check_same_run(path: Path, cfg: TrainConfig) -> None:
-    """``--resume`` must continue the same run: only options that do not change the result may differ."""
-    from .config import load_yaml, to_dict
-    from .manifest import diff_keys
-
+def check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """``--resume`` must continue the same run: only :data:`featcache.rundir.NEUTRAL_KEYS` may differ."""
+    path = out / rundir.CONFIG_FILE
     if not path.is_file():
         return
-    free = {"resume", "workers", "log_every", "data", "val", "checkpoint_every", "ce_weight"}
-    old, new = load_yaml(path), to_dict(cfg)
-    changed = [k for k in diff_keys(old, new) if k.split(".")[0] not in free]
+    changed = rundir.changed_keys(load_yaml(path), to_dict(cfg))
     if changed:
-        raise ValueError(f"--resume with different settings than the run in {str(path.parent)!r}: {changed}; "
-                         "resume with the original options or train into a new --out")
+        raise ConfigError(f"--resume with different settings than the run in {str(out)!r}: {changed}; "
+                          "resume with the original options or train into a new --out")
 
 
 def setup(cfg: TrainConfig, out: Path) -> Run:
@@ -128,28 +125,24 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     manifest = reader.manifest
     specs = resolve_methods(cfg, manifest)  # runs the compatibility check before anything is built
     img_size = int(manifest["img_size"])
-    cfg = dataclasses.replace(cfg, img_size=img_size)
+    cfg = dataclasses.replace(cfg, img_size=img_size, ce_weight=resolve_ce_weight(cfg, specs))
     if cfg.resume:
-        _check_same_run(out / "config.yaml", cfg)  # every process, before the main one rewrites the file
-    student = build_student(cfg, manifest, specs, img_size)
-    task = build_task(cfg, manifest, student, specs, img_size)
-    needed = sorted({t for _, cls, args, _ in specs for t in cls.required_targets(manifest, **args)})
-    dataset, sampler, train_loader = _train_loader(cfg, reader, needed)
-    eval_loader = _eval_loader(cfg, manifest, img_size)
+        check_same_run(out, cfg)  # every process, before the main one rewrites the file
+    task = build_task(cfg, manifest, build_student(cfg, manifest, specs, img_size), specs, img_size)
+    needed = required_targets(manifest, specs)
+    dataset, sampler, train_loader = build_train_loader(cfg, reader, needed)
+    eval_loader = build_eval_loader(cfg, manifest, img_size)
     optimizer = build_optimizer(cfg, task, accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), accelerator.num_processes)
     prepared = accelerator.prepare(task, optimizer, train_loader, eval_loader, scheduler)
     task, optimizer, train_loader, eval_loader, scheduler = prepared
     targets_fn = OnlineTargets(manifest, needed, accelerator.device) if cfg.online_teacher else None
-    costs = _costs(task, accelerator)
-    if cfg.online_teacher:
-        costs.append("--online-teacher: a full teacher forward runs on every batch (no cache targets are read)")
     data_cfg = normalization(accelerator.unwrap_model(task).student)  # the student's own, as timm would use
-    _write_config(accelerator, out, dataclasses.replace(cfg, ce_weight=accelerator.unwrap_model(task).ce_weight))
-    spec = {"model": cfg.student, "img_size": img_size, "num_classes": int(cfg.num_classes or
-            manifest["teacher"]["num_classes"]), "model_kwargs": dict(cfg.student_kwargs)}
+    _write_config(accelerator, out, cfg)
+    costs = _costs(cfg, task, accelerator)
     return Run(cfg, out, accelerator, task, optimizer, scheduler, train_loader, eval_loader, dataset, sampler,
-               data_cfg["mean"], data_cfg["std"], targets_fn, MetricsLog(out, accelerator), costs, spec)
+               data_cfg["mean"], data_cfg["std"], targets_fn, MetricsLog(out, accelerator), costs,
+               student_spec(cfg, manifest, img_size))
 
 
 def _write_config(accelerator: Accelerator, out: Path, cfg: TrainConfig) -> None:
@@ -157,70 +150,21 @@ def _write_config(accelerator: Accelerator, out: Path, cfg: TrainConfig) -> None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-    accelerator.init_trackers("tensorboard")
+        rundir.write_config(out, cfg)
+    accelerator.init_trackers(rundir.TENSORBOARD_DIR)
 
 
-def _costs(task: torch.nn.Module, accelerator: Accelerator) -> list[str]:
+def _costs(cfg: TrainConfig, task: torch.nn.Module, accelerator: Accelerator) -> list[str]:
+    """One sentence per teacher compute that runs at train time (the report's "online teacher" column)."""
     methods = accelerator.unwrap_model(task).methods
-    return [f"{name}: {c}" for name, m in methods.items() if (c := m.online_teacher_cost())] or [
+    costs = [f"{name}: {c}" for name, m in methods.items() if (c := m.online_teacher_cost())] or [
         "cache-only: no teacher compute at train time"]
+    if cfg.online_teacher:
+        costs.append("--online-teacher: a full teacher forward runs on every batch (no cache targets are read)")
+    return costs
 
 
-
-def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    # Worker seeds come from the loader's own generator, never from the global RNG that load_state restores.
-    return {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "pin_memory": torch.cuda.is_available(),
-            "generator": torch.Generator().manual_seed(cfg.seed)}
-
-
-def _train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tuple[Any, Any, DataLoader]:
-    from .sources import source_from_manifest
-    from .datasets import CachedViewDataset, EpochSampler
-    from .views import Recipe
-
-    manifest = reader.manifest
-    source = source_from_manifest(manifest, root=cfg.data)
-    dataset = CachedViewDataset(reader, source, Recipe.from_dict(manifest["views"]["recipe"]), needed,
-                                view_policy=cfg.view_policy, label_shots=cfg.label_shots, seed=cfg.seed,
-                                fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher)
-    sampler = EpochSampler(len(dataset), seed=cfg.seed)
-    return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
-
-
-def _eval_loader(cfg: TrainConfig, manifest: Any, img_size: int) -> DataLoader | None:
-    if not cfg.val:
-        return None
-    from .sources import open_source
-    from .datasets import EvalDataset
-
-    interpolation = manifest.get("normalization", {}).get("interpolation", "bicubic")
-    dataset = EvalDataset(open_source(cfg.val), img_size, manifest["data"]["classes"], interpolation=interpolation)
-    return DataLoader(dataset, shuffle=False, **_loader_kwargs(cfg))
-
-
-class OnlineTargets:
-    """``--online-teacher``: the cache's teacher computes the targets on the replayed views of each batch.
-
-    Targets are rounded through the cache's storage dtype (fp16/bf16), so for a cache without a lossy codec they
-    equal the cached ones up to batch-composition float noise (with fp32, the teacher's exact outputs). The
-    codec (``int8``, ``bitround``, ``--topk``) is not applied: against such a cache the online run sees the
-    teacher's unquantised targets, so it is the reference the codec's error is measured against, not a parity run.
-    """
-
-    def __init__(self, manifest: Any, names: list[str], device: torch.device):
-        from . import teachers  # imported here: the cached path must never touch the teacher
-
-        self.teacher = teachers.teacher_from_manifest(manifest, device=device)
-        blocks = sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("block_"))
-        self.layers = blocks or [int(manifest["teacher"]["num_blocks"]) - 1]
-        self.names = names
-        self.mean, self.std = manifest["normalization"]["mean"], manifest["normalization"]["std"]
-        self.round_to = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(manifest["storage"]["dtype"])
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.teacher.targets(normalize(images, self.mean, self.std), self.layers)
-        return {n: out[n].to(self.round_to).float() if self.round_to else out[n].float() for n in self.names}
+# ------------------------------------------------------------------------------------------------ the loop
 
 
 def set_epoch(run: Run, loader: Any, epoch: int) -> None:
@@ -232,42 +176,50 @@ def set_epoch(run: Run, loader: Any, epoch: int) -> None:
 
 def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
     """One (possibly partial, when resuming) epoch; returns True when ``max_steps`` is reached."""
-    acc, task = run.accelerator, run.task
+    acc = run.accelerator
     if state.epoch != epoch:
         state.epoch, state.batches_done = epoch, 0
-    loader = run.train_loader
-    if state.batches_done:
-        loader = acc.skip_first_batches(loader, state.batches_done)
+    loader = acc.skip_first_batches(run.train_loader, state.batches_done) if state.batches_done else run.train_loader
     set_epoch(run, loader, epoch)
-    task.train()
+    run.task.train()
     meter, tick = Meter(), time.perf_counter()
     for batch in loader:
-        targets = batch.get("targets", {}) if run.targets_fn is None else run.targets_fn(batch["image"])
-        with acc.accumulate(task):
-            parts = task(normalize(batch["image"], run.mean, run.std), targets, batch["label"])
-            acc.backward(parts["loss"])
-            if acc.sync_gradients and run.cfg.grad_clip:
-                acc.clip_grad_norm_(task.parameters(), run.cfg.grad_clip)
-            meter.lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad()
+        parts = train_step(run, batch, meter)
         state.batches_done += 1
         meter.update(parts, len(batch["label"]) * acc.num_processes)
         if acc.sync_gradients:
             now = time.perf_counter()
-            state.train_time_s += now - tick
-            tick = now
+            state.train_time_s, tick = state.train_time_s + now - tick, now
             state.step += 1
             after_step(run, state, meter)
-            if run.cfg.max_steps is not None and state.step >= run.cfg.max_steps:
+            if _reached_max_steps(run, state):
                 break
     if meter.count:  # the last steps of the epoch when it does not end on a multiple of log_every
         log_train(run, state, meter)
+    return _reached_max_steps(run, state)
+
+
+def train_step(run: Run, batch: Mapping[str, Any], meter: "Meter") -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, backward, and (when the accumulation window closes) clip + optimizer step."""
+    acc, task = run.accelerator, run.task
+    targets = batch.get("targets", {}) if run.targets_fn is None else run.targets_fn(batch["image"])
+    with acc.accumulate(task):
+        parts = task(normalize(batch["image"], run.mean, run.std), targets, batch["label"])
+        acc.backward(parts["loss"])
+        if acc.sync_gradients and run.cfg.grad_clip:
+            acc.clip_grad_norm_(task.parameters(), run.cfg.grad_clip)
+        meter.lr = run.optimizer.param_groups[0]["lr"]  # the rate this step used
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    return parts
+
+
+def _reached_max_steps(run: Run, state: RunState) -> bool:
     return run.cfg.max_steps is not None and state.step >= run.cfg.max_steps
 
 
-def after_step(run: Run, state: RunState, meter: Meter) -> None:
+def after_step(run: Run, state: RunState, meter: "Meter") -> None:
     """Log every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps inside an epoch."""
     cfg = run.cfg
     state.images_seen += meter.pending_images()
@@ -278,7 +230,7 @@ def after_step(run: Run, state: RunState, meter: Meter) -> None:
         save_checkpoint(run, state)
 
 
-def log_train(run: Run, state: RunState, meter: Meter) -> None:
+def log_train(run: Run, state: RunState, meter: "Meter") -> None:
     record = {"kind": "train", "epoch": state.epoch, "step": state.step, **meter.flush(run.accelerator)}
     record["lr"] = meter.lr
     run.log.write(record)
@@ -315,36 +267,92 @@ def evaluate(run: Run) -> dict[str, float]:
     return {"top1": 100.0 * hits1 / max(total, 1), "top5": 100.0 * hits5 / max(total, 1)}
 
 
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class Meter:
+    """Sums the loss parts of the micro-batches since the last log (on device; one sync per log)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.images = 0
+        self._unreported_images = 0
+        self.lr = 0.0
+        self.window_start = time.perf_counter()
+
+    def update(self, parts: Mapping[str, torch.Tensor], images: int) -> None:
+        for key, value in parts.items():
+            if value.ndim == 0:
+                value = value.detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+        self.images += images
+        self._unreported_images += images
+
+    def pending_images(self) -> int:
+        n, self._unreported_images = self._unreported_images, 0
+        return n
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        """Mean of each part over the window and over processes; resets the window."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        stacked = accelerator.reduce(torch.stack([self.sums[k] for k in keys]) / self.count, reduction="mean")
+        out = {k: float(v) for k, v in zip(keys, stacked.tolist())}
+        now = time.perf_counter()
+        out["images_per_s"] = self.images / max(now - self.window_start, 1e-9)
+        self.sums, self.count, self.images, self.window_start = {}, 0, 0, now
+        return out
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (+ TensorBoard through the accelerator); files are written by the main process only."""
+
+    def __init__(self, out: Path, accelerator: Accelerator):
+        self.out = out
+        self.accelerator = accelerator
+
+    def write(self, record: dict[str, Any]) -> None:
+        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if k not in ("kind", "step", "epoch") and isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=int(record["step"]))
+        if self.accelerator.is_main_process:
+            rundir.append_metrics(self.out, record)
+
+    def truncate(self, step: int) -> None:
+        """Keep only records up to ``step`` (a resumed run rewrites what the killed one logged after it)."""
+        if self.accelerator.is_main_process:
+            rundir.truncate_metrics(self.out, step)
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
 def save_checkpoint(run: Run, state: RunState) -> Path:
     """``save_state`` into ``checkpoints/step_{n}``, then our small state file (its presence = complete)."""
-    path = run.out / "checkpoints" / f"step_{state.step:08d}"
+    path = rundir.checkpoint_dir(run.out, state.step)
     run.accelerator.save_state(str(path))
     if run.accelerator.is_main_process:
-        write_atomic(path / STATE_FILE, json.dumps(dataclasses.asdict(state)).encode())
-        for old in complete_checkpoints(run.out)[:-KEEP_CHECKPOINTS]:
+        rundir.write_checkpoint_state(path, dataclasses.asdict(state))
+        for old in rundir.complete_checkpoints(run.out)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     run.accelerator.wait_for_everyone()
     return path
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoint directories whose state file was written, oldest first."""
-    return sorted(p.parent for p in (out / "checkpoints").glob(f"step_*/{STATE_FILE}"))
-
-
 def restore(run: Run) -> RunState:
     """``--resume``: load the latest complete checkpoint (fresh start if there is none)."""
-    found = complete_checkpoints(run.out)
-    if not found:
-        run.accelerator.print(f"[featcache] --resume: no checkpoint in {run.out / 'checkpoints'}, starting fresh")
+    latest = rundir.latest_checkpoint(run.out)
+    if latest is None:
+        run.accelerator.print(f"[featcache] --resume: no checkpoint in {run.out / rundir.CHECKPOINTS_DIR}, "
+                              "starting fresh")
         return RunState()
-    run.accelerator.load_state(str(found[-1]))
-    state = RunState(**json.loads((found[-1] / STATE_FILE).read_text()))
+    run.accelerator.load_state(str(latest))
+    state = RunState(**rundir.read_checkpoint_state(latest))
     run.log.truncate(state.step)  # drop records the killed run wrote after this checkpoint
-    run.accelerator.print(f"[featcache] resumed from {found[-1]} (epoch {state.epoch}, step {state.step})")
+    run.accelerator.print(f"[featcache] resumed from {latest} (epoch {state.epoch}, step {state.step})")
     return state
 
 
@@ -363,7 +371,20 @@ def finish(run: Run, state: RunState) -> dict[str, Any]:
     if acc.is_main_process:
         spec = export_student(acc.unwrap_model(run.task), run.out, run.student_spec, run.mean, run.std)
         result["student"] = spec["model"]  # a method may build the student (e.g. WeCoLoRA: the cut teacher)
-        run.log.to_csv()
-        write_atomic(run.out / "final.json", json.dumps(result, indent=1).encode())
+        rundir.write_metrics_csv(run.out)
+        rundir.write_final(run.out, result)
     acc.end_training()
     return result
+
+
+def export_student(task: DistillTask, out: Path, spec: dict[str, Any], mean: list[float], std: list[float]
+                   ) -> dict[str, Any]:
+    """Save the plain timm student (each method's ``export_student`` applied in turn) + ``student.json``.
+
+    A method that changes the architecture (WeCoLoRA) sets ``featcache_spec`` on the model it returns
+    (``{"model", "img_size", "num_classes", "model_kwargs"}``); otherwise the run's ``--student`` spec holds.
+    """
+    student = task.student
+    for method in task.methods.values():
+        student = method.export_student(student)
+    return rundir.write_student(out, student, dict(getattr(student, "featcache_spec", None) or spec), mean, std)

@@ -27,6 +27,10 @@ class MissingFileError(FeatcacheError, FileNotFoundError):
     """A file the user named (checkpoint, data root, recipe) does not exist."""
 
 
+class RunExistsError(FeatcacheError, FileExistsError):
+    """A run directory already holds a run that was not asked to be resumed."""
+
+
 class CacheError(FeatcacheError, RuntimeError):
     """A cache is missing, incomplete, corrupt or does not match what was asked of it."""
 
@@ -60,5 +64,5 @@ class SweepError(FeatcacheError, RuntimeError):
 #: Kept for code written against v0.1, where the decode error had this name.
 ImageDecodeError = DecodeError
 
-__all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "CacheError", "CompatError",
-           "DecodeError", "ImageDecodeError", "ReplayDriftError", "SweepError"]
+__all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "RunExistsError", "CacheError",
+           "CompatError", "DecodeError", "ImageDecodeError", "ReplayDriftError", "SweepError"]

@@ -13,7 +13,7 @@ the validation split is used once, for the reported top-1.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .teachers import load_model, load_state_dict, normalization, resolve_device
+from . import rundir
+from .config import setting
+from .errors import ConfigError, MissingFileError
+from .models import load_model, load_state_dict, normalization, resolve_device
 
 #: L2 strengths tried on the held-out part of the training features.
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -33,40 +36,44 @@ WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 class ProbeConfig:
     """What to probe and on which data (CLI: ``featcache probe``)."""
 
-    student: str = ""  # run directory or checkpoint file
-    data: str = ""  # training split (ImageFolder or image shards)
-    val: str = ""  # evaluation split; classes matched to --data by name
-    model: str | None = None  # timm name, needed for a checkpoint file (a run dir records it)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int | None = None
-    random_init: bool = False  # probe a randomly initialised model of the same shape (baseline)
-    weight_decays: tuple[float, ...] = WEIGHT_DECAYS
-    steps: int = 200
-    batch_size: int = 64
-    workers: int = 0
-    device: str = "auto"
-    out: str | None = None  # result JSON; default: <run dir>/probe.json (probe_random_init.json with --random-init)
+    student: str = setting("", "A finished run directory (student.safetensors + student.json) or a checkpoint file "
+                               "(then also --model).")
+    data: str = setting("", "Training split for the linear classifier (ImageFolder or image shards).")
+    val: str = setting("", "Evaluation split; its classes are matched to --data's by folder name.")
+    model: str | None = setting(None, "timm name of a checkpoint file's model (a run dir records its own).")
+    model_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 6}\'.')
+    img_size: int | None = setting(None, "Input side in pixels [the run's / the model's].")
+    random_init: bool = setting(False, "Probe a seeded randomly initialised model of the same shape (the baseline); "
+                                       "results go to probe_random_init.json in a run dir.")
+    weight_decays: tuple[float, ...] = setting(WEIGHT_DECAYS, "L2 strengths tried on the hold-out.", cli=False)
+    steps: int = setting(200, "L-BFGS iterations per classifier fit.")
+    batch_size: int = setting(64, "Images per feature-extraction batch.")
+    workers: int = setting(0, "DataLoader worker processes.")
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda ...")
+    out: str | None = setting(None, "Result JSON [RUN_DIR/probe.json for a run dir, else only printed].")
 
     def validate(self) -> None:
         if not self.student or not self.data or not self.val:
-            raise ValueError("probe needs --student RUN_DIR_OR_CHECKPOINT, --data TRAIN_SPLIT and --val VAL_SPLIT")
+            raise ConfigError("probe needs --student RUN_DIR_OR_CHECKPOINT, --data TRAIN_SPLIT and --val VAL_SPLIT")
         if not Path(self.student).exists():
-            raise FileNotFoundError(f"--student {self.student!r} is neither a run directory nor a checkpoint file")
+            raise MissingFileError(f"--student {self.student!r} is neither a run directory nor a checkpoint file")
+
+    def result_path(self) -> str | None:
+        """``--out``, else the run directory's probe file (none for a checkpoint file: the result is only printed)."""
+        if self.out or not Path(self.student).is_dir():
+            return self.out
+        return str(Path(self.student) / (rundir.PROBE_RANDOM_INIT_FILE if self.random_init else rundir.PROBE_FILE))
 
 
 def student_spec(cfg: ProbeConfig) -> dict[str, Any]:
     """``student.json`` of a run dir, or the spec given by ``--model``/``--model-kwargs``/``--img-size``."""
     path = Path(cfg.student)
     if path.is_dir():
-        meta = path / "student.json"
-        if not meta.is_file():
-            raise FileNotFoundError(f"run directory {str(path)!r} has no student.json; is the run complete "
-                                    "(final.json written)? Otherwise pass a checkpoint file and --model")
-        spec = json.loads(meta.read_text())
+        spec = rundir.read_student(path)
         return dict(spec, img_size=cfg.img_size or spec["img_size"])
     if not cfg.model:
-        raise ValueError(f"--student {cfg.student!r} is a checkpoint file: also pass --model TIMM_NAME "
-                         "(and --model-kwargs / --img-size if it is not the default shape)")
+        raise ConfigError(f"--student {cfg.student!r} is a checkpoint file: also pass --model TIMM_NAME "
+                          "(and --model-kwargs / --img-size if it is not the default shape)")
     return {"model": cfg.model, "img_size": cfg.img_size, "num_classes": None, "model_kwargs": dict(cfg.model_kwargs)}
 
 
@@ -74,25 +81,28 @@ def load_student(cfg: ProbeConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode student (trained weights, or a seeded random init) and its spec incl. mean/std."""
     spec = student_spec(cfg)
     path = Path(cfg.student)
-    weights = None if cfg.random_init else (path / "student.safetensors" if path.is_dir() else path)
     model = load_model(spec["model"], pretrained=False, img_size=spec.get("img_size"),
                        num_classes=spec.get("num_classes"), **spec.get("model_kwargs", {}))
-    if weights is not None:
-        heads = _classifier_prefixes(model)
-        own = model.state_dict()
-        # The classifier is not probed (features are pre-logits): a checkpoint's head of another size is dropped.
-        state = {k: v for k, v in load_state_dict(weights).items()
-                 if not (k.startswith(heads) and (k not in own or own[k].shape != v.shape))}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        head_only = all(k.startswith(heads) for k in list(missing) + list(unexpected))
-        if not head_only:  # a different classifier size is fine (features are pre-logits); anything else is not
-            raise ValueError(f"{weights} does not fit {spec['model']} {spec.get('model_kwargs', {})}: missing "
-                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if not cfg.random_init:
+        _load_features(model, rundir.student_weights(path) if path.is_dir() else path, spec)
     model.eval().requires_grad_(False)
     norm = normalization(model)
     spec = dict(spec, img_size=int(spec.get("img_size") or norm["input_size"]),
                 mean=spec.get("mean") or norm["mean"], std=spec.get("std") or norm["std"])
     return model, spec
+
+
+def _load_features(model: nn.Module, weights: Path, spec: dict[str, Any]) -> None:
+    """Load every weight but the classifier's when its size differs: features are pre-logits, the head is unused."""
+    heads = _classifier_prefixes(model)
+    own = model.state_dict()
+    state = {k: v for k, v in load_state_dict(weights).items()
+             if not (k.startswith(heads) and (k not in own or own[k].shape != v.shape))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not all(k.startswith(heads) for k in list(missing) + list(unexpected)):
+        raise ConfigError(f"{weights} does not fit {spec['model']} {spec.get('model_kwargs', {})}: missing "
+                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; pass the --model and "
+                          "--model-kwargs the checkpoint was trained with")
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -188,8 +198,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     result.update(student=cfg.student, model=spec["model"], model_kwargs=spec.get("model_kwargs", {}),
                   random_init=cfg.random_init, feature_dim=int(train_x.shape[1]), num_train=len(train_y),
                   num_val=len(val_y), num_classes=len(classes), config=asdict(cfg))
-    out = cfg.out or (str(Path(cfg.student) / ("probe_random_init.json" if cfg.random_init else "probe.json"))
-                      if Path(cfg.student).is_dir() else None)
+    out = cfg.result_path()
     if out:
         Path(out).write_text(json.dumps(result, indent=1, default=list))
         result["written_to"] = out

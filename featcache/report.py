@@ -1,7 +1,7 @@
 """Reports over run directories: a Markdown + CSV table and a PNG plot (accuracy per run, loss curves).
 
-Reads only the run-directory contract (``config.yaml``, ``metrics.jsonl``, ``final.json``), so it works on
-runs made by ``featcache train`` or ``featcache sweep`` alike. Unfinished or broken runs are listed as such.
+Reads only the run-directory contract (:mod:`featcache.rundir`: the config, the metrics, the result), so it works
+on runs made by ``featcache train`` or ``featcache sweep`` alike. Unfinished or broken runs are listed as such.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+from . import rundir
 
 COLUMNS = ("run", "status", "method", "method_args", "student", "top1", "best_top1", "top5", "train_time_s",
            "images_per_s", "online_teacher")
@@ -30,26 +32,8 @@ class RunSummary:
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:
-    """Run directories below ``runs_dir`` (any directory holding a config.yaml, final.json or sweep_run.yaml),
-    sorted."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"runs directory {str(root)!r} does not exist")
-    found = {p.parent for name in ("config.yaml", "final.json", "sweep_run.yaml") for p in root.rglob(name)}
-    return sorted(found)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl, skipping a torn last line (a run killed mid-write)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """Run directories below ``runs_dir`` (any directory holding a config, a result or a sweep config), sorted."""
+    return rundir.find_runs(runs_dir)
 
 
 def summarize_run(path: str | Path, root: str | Path | None = None) -> RunSummary:
@@ -64,16 +48,22 @@ def summarize_run(path: str | Path, root: str | Path | None = None) -> RunSummar
 
 
 def _summarize(path: Path, name: str) -> RunSummary:
-    config = {}
-    for fname in ("config.yaml", "sweep_run.yaml"):
-        if (path / fname).is_file():
-            config = yaml.safe_load((path / fname).read_text()) or {}
-            break
-    final = json.loads((path / "final.json").read_text()) if (path / "final.json").is_file() else None
-    records = read_metrics(path / "metrics.jsonl")
+    config = rundir.read_config(path)
+    final = rundir.read_final(path)
+    records = rundir.read_metrics(path)
     evals = [r for r in records if r.get("kind") == "eval" and r.get("top1") is not None]
+    row = _row(name, final, config, evals)
+    losses = [(int(r.get("step", i)), float(r["loss"])) for i, r in enumerate(records)
+              if r.get("kind") == "train" and r.get("loss") is not None]
+    epochs = [(int(r.get("epoch", i)), float(r["top1"])) for i, r in enumerate(evals)]
+    return RunSummary(name, path, row["status"], row, losses, epochs)
+
+
+def _row(name: str, final: dict[str, Any] | None, config: dict[str, Any], evals: list[dict[str, Any]]
+         ) -> dict[str, Any]:
+    """The table row: the result where the run finished, else its config and its last evaluation."""
     src = final or {}
-    row = {
+    return {
         "run": name, "status": "done" if final is not None else "incomplete",
         "method": src.get("method", config.get("method")),
         "method_args": json.dumps(src.get("method_args", config.get("method_args", {})), sort_keys=True),
@@ -84,10 +74,6 @@ def _summarize(path: Path, name: str) -> RunSummary:
         "train_time_s": src.get("train_time_s"), "images_per_s": src.get("images_per_s"),
         "online_teacher": _online_note(src.get("online_teacher_cost"), config),
     }
-    losses = [(int(r.get("step", i)), float(r["loss"])) for i, r in enumerate(records)
-              if r.get("kind") == "train" and r.get("loss") is not None]
-    epochs = [(int(r.get("epoch", i)), float(r["top1"])) for i, r in enumerate(evals)]
-    return RunSummary(name, path, row["status"], row, losses, epochs)
 
 
 def _online_note(cost: Any, config: dict[str, Any]) -> str:
@@ -133,13 +119,23 @@ def plot_runs(runs: list[RunSummary], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_loss, ax_eval) = plt.subplots(1, 3, figsize=(18, 5.5))
-    names = [r.name for r in runs]
+    _plot_accuracy(ax_acc, runs)
+    _plot_curves(ax_loss, ax_eval, runs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_accuracy(ax: Any, runs: list[RunSummary]) -> None:
     x = range(len(runs))
-    ax_acc.bar([i - 0.2 for i in x], [r.row.get("top1") or 0 for r in runs], width=0.4, label="final top-1")
-    ax_acc.bar([i + 0.2 for i in x], [r.row.get("best_top1") or 0 for r in runs], width=0.4, label="best top-1")
-    ax_acc.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
-    ax_acc.set(ylabel="top-1 (%)", title="accuracy per run")
-    ax_acc.legend(fontsize=8)
+    ax.bar([i - 0.2 for i in x], [r.row.get("top1") or 0 for r in runs], width=0.4, label="final top-1")
+    ax.bar([i + 0.2 for i in x], [r.row.get("best_top1") or 0 for r in runs], width=0.4, label="best top-1")
+    ax.set_xticks(list(x), [r.name for r in runs], rotation=35, ha="right", fontsize=8)
+    ax.set(ylabel="top-1 (%)", title="accuracy per run")
+    ax.legend(fontsize=8)
+
+
+def _plot_curves(ax_loss: Any, ax_eval: Any, runs: list[RunSummary]) -> None:
     for r in runs:
         if r.losses:
             ax_loss.plot(*zip(*r.losses), label=r.name, linewidth=1)
@@ -150,9 +146,6 @@ def plot_runs(runs: list[RunSummary], path: Path) -> None:
     for ax in (ax_loss, ax_eval):
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(runs_dir: str | Path, runs: Iterable[str | Path] | None = None, out: str | Path | None = None

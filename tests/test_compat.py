@@ -7,7 +7,7 @@ from featcache.testing.caches import STUDENT, make_cache, reset_accelerate
 from featcache import compat, engine
 from featcache.config import TrainConfig
 from featcache.methods import METHODS
-from featcache.stores.base import open_reader
+from featcache.stores import open_reader
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ import torch
 from safetensors.torch import load_file
 from featcache.testing.caches import STUDENT, make_cache, make_val, reset_accelerate
 
-from featcache import engine, teachers
-from featcache._engine import build_optimizer, build_scheduler, split_method_args
+from featcache import engine, models, teachers
 from featcache.config import TrainConfig
-from featcache.methods import DistillTask
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +106,7 @@ def test_run_directory_contract_and_student_reload(cache, tmp_path):
     assert {"kd/kd", "vitkd/mimic", "vitkd/generation", "ce", "loss", "lr", "images_per_s"} <= set(train[0])
     assert [r["kind"] for r in records].count("eval") == 1 and 0 <= records[-1]["top1"] <= 100
     spec = json.loads((out / "student.json").read_text())
-    model = teachers.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
+    model = models.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
                                 num_classes=spec["num_classes"], **spec["model_kwargs"])
     model.load_state_dict(load_file(str(out / "student.safetensors")), strict=True)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, spec["num_classes"])
@@ -139,45 +137,9 @@ def test_a_method_that_builds_the_student_exports_a_reloadable_model(cache, tmp_
                                  student="teacher", student_kwargs={}))
     spec = json.loads((out / "student.json").read_text())
     assert result["student"] == spec["model"] != "deit_tiny" and spec["model_kwargs"]["depth"] == 2
-    model = teachers.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
+    model = models.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
                                 num_classes=spec["num_classes"], **spec["model_kwargs"])
     model.load_state_dict(load_file(str(out / "student.safetensors")), strict=True)
-
-
-def test_scheduler_warms_up_then_follows_a_cosine_to_min_lr():
-    model = torch.nn.Linear(2, 2)
-    cfg = TrainConfig(cache="x", lr=1.0, min_lr=0.1, epochs=2, warmup_epochs=1, batch_size=1)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    sched = build_scheduler(cfg, opt, batches_per_epoch=4, num_processes=1)
-    lrs = []
-    for _ in range(8):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
-    assert lrs[4:] == pytest.approx(cosine)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
-
-
-def test_optimizer_skips_weight_decay_on_1d_and_vit_tokens():
-    student = teachers.load_model("deit_tiny", pretrained=False, img_size=32, num_classes=3, depth=1)
-    task = DistillTask(student, {}, ce_weight=1.0)
-    cfg = TrainConfig(cache="x", weight_decay=0.05, lr=1e-3, lr_base_batch=4, batch_size=2, grad_accum=2)
-    opt = build_optimizer(cfg, task, num_processes=2)
-    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert id(student.pos_embed) in no_decay and id(student.cls_token) in no_decay
-    assert id(student.blocks[0].norm1.weight) in no_decay and id(student.head.weight) not in no_decay
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 * 2 * 2 / 4)
-
-
-def test_method_args_split_single_and_composite():
-    assert split_method_args(["kd"], {"temperature": 4}) == {"kd": {"temperature": 4}}
-    assert split_method_args(["kd"], {"kd": {"temperature": 4}}) == {"kd": {"temperature": 4}}
-    both = split_method_args(["vitkd", "nkd"], {"nkd": {"gamma": 2}})
-    assert both == {"vitkd": {}, "nkd": {"gamma": 2}}
-    with pytest.raises(ValueError, match="name.key=value"):
-        split_method_args(["vitkd", "nkd"], {"gamma": 2})
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import yaml
 from featcache.testing.images import make_image_folder
 
 import featcache.teachers as teachers
+from featcache import models
 from featcache.config import ExtractConfig, TrainConfig
 from featcache.sweep import SweepError, SweepSpec, expand_runs, run_name, run_sweep
 
@@ -118,7 +119,7 @@ def test_sweep_never_builds_the_teacher_and_rerun_trains_nothing(cache, tmp_path
 
     monkeypatch.setattr(timm, "create_model", students_only)
     with pytest.raises(AssertionError, match="constructed"):  # the guard itself works
-        teachers.load_model("deit3_small", pretrained=False, img_size=32)
+        models.load_model("deit3_small", pretrained=False, img_size=32)
     from featcache.engine import train
 
     rec, lines = Recorder(train), []
@@ -209,6 +210,26 @@ def test_complete_cache_made_differently_is_refused(cache, tmp_path):
     assert rec.calls == []
 
 
+def test_extract_layers_resolve_as_extract_resolves_them(cache, tmp_path):
+    """Block indices follow timm's feature_take_indices contract here as in `extract`: -1 is the last block, and an
+    index past the end is refused (``i % num_blocks`` used to map 5 onto block 2 of this 3-block teacher)."""
+    extract = {"data": str(cache.parent / "images"), "teacher": "deit3_small", "pretrained": False, "img_size": 32,
+               "teacher_kwargs": {"depth": 3}, "layers": [0, 1, 2], "views": 2}
+    rec = Recorder()
+    run_sweep(spec_for(cache, tmp_path / "runs", extract=extract), train_fn=rec, report=False, log=lambda s: None)
+    assert len(rec.calls) == 1  # [0, 1, 2] is the cache's [0, 1, -1]
+    rec = Recorder()
+    with pytest.raises(SweepError, match=r"extract.layers \[0, 1, 5\].*out of range"):
+        run_sweep(spec_for(cache, tmp_path / "runs2", extract={**extract, "layers": [0, 1, 5]}), train_fn=rec,
+                  report=False, log=lambda s: None)
+    assert rec.calls == []
+    from featcache.extract import run_extract
+
+    with pytest.raises(ValueError, match="out of range"):  # extraction refuses the same layers
+        run_extract(ExtractConfig(**{**extract, "layers": [0, 1, 5]}, out=str(tmp_path / "c5"), workers=0,
+                                  device="cpu"), progress=False)
+
+
 def test_sweep_cli_reports_errors_cleanly(tmp_path):
     from click.testing import CliRunner
 
@@ -219,3 +240,31 @@ def test_sweep_cli_reports_errors_cleanly(tmp_path):
                                     "grid": {"method": ["kd", "nkd"]}}))
     result = CliRunner().invoke(main, ["sweep", str(spec), "--jobs", "2"])
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_progress_monitor_prints_new_evaluations_once(tmp_path):
+    from featcache import rundir
+    from featcache.sweep import ProgressMonitor, RunPlan
+
+    plan = RunPlan("r", TrainConfig(cache="c", out=str(tmp_path / "r"), epochs=3))
+    plan.dir.mkdir()
+    rundir.append_metrics(plan.dir, {"kind": "eval", "epoch": 0, "step": 1, "top1": 10.0})  # a killed run's
+    lines = []
+    monitor = ProgressMonitor([plan], lines.append)
+    monitor.poll()
+    assert lines == []
+    rundir.truncate_metrics(plan.dir, step=1)  # the resumed run keeps it; the monitor must not print it again
+    rundir.append_metrics(plan.dir, {"kind": "eval", "epoch": 1, "step": 2, "top1": 20.0})
+    (plan.dir / "metrics.jsonl").open("a").write('{"kind": "eval", "epoch": 2, ')  # still being written
+    monitor.poll()
+    assert lines == ["[r] epoch 2/3: top-1 20.0 %"]
+
+
+def test_a_job_records_its_sweep_config_only_when_it_starts(tmp_path):
+    from featcache.sweep import Job, RunPlan
+
+    job = Job(RunPlan("r", TrainConfig(cache="c", out=str(tmp_path / "r"))), resume=True)
+    assert not job.plan.dir.exists()
+    config = job.start()
+    assert config.resume and not job.plan.config.resume
+    assert yaml.safe_load((tmp_path / "r" / "sweep_run.yaml").read_text())["cache"] == "c"

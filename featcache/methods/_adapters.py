@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CompatError, ConfigError
+
 __all__ = ["FrozenLayerNorm", "frozen_teacher_norm", "grid_of", "make_adapter", "resize_tokens", "split_prefix",
            "to_tokens"]
 
@@ -33,11 +35,11 @@ def make_adapter(d_in: int, d_out: int, mode: str = "auto", bias: bool = True) -
         bias: whether the linear layer has a bias (the official ViTKD/FitNets adapters do).
     """
     if mode not in ("auto", "linear", "identity"):
-        raise ValueError(f"adapter mode {mode!r} is unknown; use 'auto', 'linear' or 'identity'")
+        raise ConfigError(f"adapter mode {mode!r} is unknown; use 'auto', 'linear' or 'identity'")
     if mode == "identity" or (mode == "auto" and d_in == d_out):
         if d_in != d_out:
-            raise ValueError(f"adapter='identity' needs equal widths, got student {d_in} vs teacher {d_out}; "
-                             "use adapter='auto' or 'linear'")
+            raise ConfigError(f"adapter='identity' needs equal widths, got student {d_in} vs teacher {d_out}; "
+                              "use adapter='auto' or 'linear'")
         return nn.Identity()
     return nn.Linear(d_in, d_out, bias=bias)
 
@@ -47,7 +49,7 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 4:
         return x.flatten(2).transpose(1, 2)
     if x.ndim != 3:
-        raise ValueError(f"expected a [B, T, D] token tensor or a [B, C, H, W] map, got shape {tuple(x.shape)}")
+        raise CompatError(f"expected a [B, T, D] token tensor or a [B, C, H, W] map, got shape {tuple(x.shape)}")
     return x
 
 
@@ -62,8 +64,8 @@ def grid_of(num_tokens: int, grid: tuple[int, int] | list[int] | None = None) ->
         return int(grid[0]), int(grid[1])
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
-        raise ValueError(f"{num_tokens} patch tokens do not form a square grid and no matching grid was given; "
-                         "check num_prefix_tokens (prefix tokens must be dropped first)")
+        raise CompatError(f"{num_tokens} patch tokens do not form a square grid and no matching grid was given; "
+                          "check num_prefix_tokens (prefix tokens must be dropped first)")
     return side, side
 
 
@@ -109,6 +111,6 @@ class FrozenLayerNorm(nn.Module):
 def frozen_teacher_norm(ctx) -> FrozenLayerNorm:
     """The teacher's final norm from the manifest (``ctx.teacher_final_norm()``) as a :class:`FrozenLayerNorm`."""
     if not ctx.teacher.get("final_norm"):
-        raise ValueError(f"the cache's teacher {ctx.teacher.get('name')!r} has no final LayerNorm in its manifest, "
-                         "so post-norm targets cannot be rebuilt; use a method setting without the teacher norm")
+        raise CompatError(f"the cache's teacher {ctx.teacher.get('name')!r} has no final LayerNorm in its manifest, "
+                          "so post-norm targets cannot be rebuilt; use a method setting without the teacher norm")
     return FrozenLayerNorm.from_module(ctx.teacher_final_norm())

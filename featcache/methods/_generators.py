@@ -23,6 +23,8 @@ import torch.nn as nn
 from timm.layers import Mlp, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
+from ..errors import ConfigError
+
 
 def default_heads(dim: int) -> int:
     """Heads of 64 channels where the width allows it (ViT convention), else a single head."""
@@ -115,5 +117,5 @@ GENERATORS = {"conv": ConvGenerator, "self_attention": SelfAttentionGenerator,
 def build_generator(kind: str, dim: int, depth: int = 6, num_heads: int | None = None) -> nn.Module:
     """One of :data:`GENERATORS` by name (``depth``/``num_heads`` only apply to the attention blocks)."""
     if kind not in GENERATORS:
-        raise ValueError(f"vitkd generation {kind!r} is unknown; use one of {sorted(GENERATORS)}")
+        raise ConfigError(f"vitkd generation {kind!r} is unknown; use one of {sorted(GENERATORS)}")
     return GENERATORS[kind](dim) if kind == "conv" else GENERATORS[kind](dim, depth, num_heads)

@@ -1,4 +1,4 @@
-"""The one interface every distillation method implements, and the task that composes them.
+"""The one interface every distillation method implements, and what a method may read.
 
 A method is a small ``nn.Module`` (its trainable adapters are its submodules) that
   * says which cached teacher targets it needs (``required_targets``, checked against the manifest
@@ -9,7 +9,8 @@ A method is a small ``nn.Module`` (its trainable adapters are its submodules) th
     student into a plain timm model (``export_student``, e.g. merging LoRA);
   * may run a few teacher blocks at train time (``online_teacher_cost``, e.g. ScaleKD's TPP) and say so.
 
-The training loop only ever sees :class:`DistillTask`: it never branches on the method.
+The training loop only ever sees :class:`~featcache.methods.task.DistillTask` (in ``task.py``, with the parsing of
+``--method`` specs): it never branches on the method.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..registry import Registry
+from ..errors import CompatError, ConfigError
 from ..manifest import Manifest, block_name
+from ..models import count_blocks, forward_taps, resolve_layer
+from ..registry import Registry
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -47,38 +49,18 @@ class StudentOutput:
 def student_forward(student: nn.Module, images: torch.Tensor, layers: list[int]) -> StudentOutput:
     """Run the student once, collecting the block outputs ``layers`` (pre-norm) and the logits."""
     npt = int(getattr(student, "num_prefix_tokens", 0))
-    if not layers:
-        return StudentOutput(student(images), {}, npt, getattr(student, "norm", None))
-    if npt or hasattr(student, "num_prefix_tokens"):
-        final, inter = student.forward_intermediates(images, indices=list(layers), norm=False,
-                                                     return_prefix_tokens=True, output_fmt="NLC")
-        # timm returns (tokens, prefix) pairs only when the model has prefix tokens; plain tensors otherwise.
-        feats = [torch.cat([f[1], f[0]], dim=1) if isinstance(f, tuple) else f for f in inter]
-    else:
-        final, feats = student.forward_intermediates(images, indices=list(layers), norm=False)
-    logits = student.forward_head(final)
-    return StudentOutput(logits, dict(zip(layers, feats)), npt, getattr(student, "norm", None))
+    norm = getattr(student, "norm", None)
+    if not layers:  # nothing to tap: the plain forward is the cheapest path to the logits
+        return StudentOutput(student(images), {}, npt, norm)
+    final, feats = forward_taps(student, images, layers)
+    return StudentOutput(student.forward_head(final), dict(zip(layers, feats)), npt, norm)
 
 
-def count_blocks(model: nn.Module) -> int:
-    """Number of feature taps ``forward_intermediates`` indexes: timm's ``feature_info`` when the model has one
-    (it is what timm indexes: e.g. EfficientNet has 7 block groups but 5 taps), else ViT ``blocks`` / ``stages``."""
-    info = getattr(model, "feature_info", None)
-    if isinstance(info, list) and info:
-        return len(info)
-    for attr in ("blocks", "stages", "layers"):
-        blocks = getattr(model, attr, None)
-        if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-            return len(blocks)
-    raise ValueError(f"cannot count the feature taps of {type(model).__name__}: it has no feature_info/blocks/stages")
+class MethodArgumentError(ConfigError, TypeError):
+    """A method got a keyword argument it does not take (a ``--method-arg`` typo).
 
-
-def resolve_layer(index: int, num_blocks: int) -> int:
-    """Resolve a possibly negative block index (``-1`` = last block) against ``num_blocks``."""
-    resolved = index + num_blocks if index < 0 else index
-    if not 0 <= resolved < num_blocks:
-        raise ValueError(f"block index {index} is out of range for a model with {num_blocks} blocks")
-    return resolved
+    Also a ``TypeError``, as Python's own error for an unknown keyword is, so callers that catch that keep working.
+    """
 
 
 @dataclass
@@ -97,19 +79,24 @@ class MethodContext:
 
     @property
     def teacher(self) -> Mapping[str, Any]:
+        """The manifest's ``teacher`` section: the teacher is never loaded, its description is enough."""
         return self.manifest["teacher"]
 
     @property
     def teacher_num_blocks(self) -> int:
+        """Feature taps of the cache's teacher (what negative teacher indices count back from)."""
         return int(self.teacher["num_blocks"])
 
     def teacher_layer(self, index: int) -> int:
+        """A teacher block index resolved against the cache's teacher (negative counts from the end)."""
         return resolve_layer(index, self.teacher_num_blocks)
 
     def student_num_blocks(self) -> int:
+        """Feature taps of the student, counted the way ``forward_intermediates`` indexes them."""
         return count_blocks(self.student)
 
     def student_layer(self, index: int) -> int:
+        """A student block index resolved against the student (negative counts from the end)."""
         return resolve_layer(index, self.student_num_blocks())
 
     @torch.no_grad()
@@ -126,7 +113,8 @@ class MethodContext:
         """The teacher's final norm rebuilt (frozen) from the parameters stored in the manifest."""
         spec = self.teacher["final_norm"]
         if spec["type"] != "LayerNorm":
-            raise ValueError(f"teacher final norm {spec['type']!r} is not supported; only LayerNorm is")
+            raise CompatError(f"teacher final norm {spec['type']!r} is not supported; only LayerNorm is (use a method "
+                              "setting that does not read the teacher's final norm)")
         weight = torch.tensor(spec["weight"], dtype=torch.float32)
         norm = nn.LayerNorm(weight.numel(), eps=float(spec["eps"]), elementwise_affine=True)
         with torch.no_grad():
@@ -138,7 +126,8 @@ class MethodContext:
 
 
 class Method(nn.Module):
-    """Base class of every distillation method. Subclasses register with ``@METHODS.register(name)``.
+    """Base class of every distillation method. Subclasses register with ``@METHODS.register(name)``, which sets
+    their ``name``.
 
     Hyperparameters are keyword arguments of ``__init__`` with the paper's (official code's) defaults.
     """
@@ -150,7 +139,8 @@ class Method(nn.Module):
     def __init__(self, ctx: MethodContext, **kwargs: Any):
         super().__init__()
         if kwargs:
-            raise TypeError(f"method {self.name!r} got unknown arguments {sorted(kwargs)}")
+            raise MethodArgumentError(f"method {self.name!r} got unknown arguments {sorted(kwargs)}; drop them or "
+                                      "check the spelling of --method-arg")
 
     @classmethod
     def required_targets(cls, manifest: Manifest, **kwargs: Any) -> list[str]:
@@ -181,59 +171,10 @@ class Method(nn.Module):
 
 
 def teacher_layer_targets(manifest: Manifest, layers: list[int]) -> list[str]:
-    """Target names for teacher blocks given possibly negative indices."""
+    """Target names for teacher blocks given possibly negative indices.
+
+    Each index is resolved on its own, so two spellings of one block (``11`` and ``-1``) may both appear; a method
+    that reads overlapping blocks deduplicates the names itself.
+    """
     n = int(manifest["teacher"]["num_blocks"])
     return [block_name(resolve_layer(i, n)) for i in layers]
-
-
-def parse_method_spec(spec: str) -> list[tuple[str, float]]:
-    """Parse ``"vitkd+nkd"`` or ``"vitkd:1.0+nkd:0.5"`` into ``[(name, weight), ...]``."""
-    out = []
-    for part in spec.split("+"):
-        name, _, weight = part.strip().partition(":")
-        if not name:
-            raise ValueError(f"empty method name in {spec!r}; write e.g. 'vitkd+nkd' or 'vitkd:1+nkd:0.5'")
-        METHODS.get(name)  # raises with the list of known methods
-        out.append((name, float(weight) if weight else 1.0))
-    return out
-
-
-class DistillTask(nn.Module):
-    """The one trainable module: student + every method's adapters, summing weighted method losses.
-
-    The label term is shared, not per method: ``ce_weight * CE(logits, labels, label_smoothing)`` with
-    ``labels == -1`` ignored (unlabelled views). Teacher targets come from the batch, never from a teacher.
-    """
-
-    def __init__(self, student: nn.Module, methods: Mapping[str, tuple[Method, float]], ce_weight: float,
-                 label_smoothing: float = 0.0):
-        super().__init__()
-        self.student = student
-        self.methods = nn.ModuleDict({name: m for name, (m, _) in methods.items()})
-        self.weights = {name: w for name, (_, w) in methods.items()}
-        self.ce_weight = ce_weight
-        self.label_smoothing = label_smoothing
-        self.layers = sorted({i for m in self.methods.values() for i in m.student_layers()})
-
-    def forward(self, images: torch.Tensor, targets: Mapping[str, torch.Tensor], labels: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-        out = student_forward(self.student, images, self.layers)
-        parts: dict[str, torch.Tensor] = {}
-        total = out.logits.new_zeros(())
-        if self.ce_weight:
-            ce = ce_loss(out.logits, labels, self.label_smoothing)
-            parts["ce"] = ce.detach()
-            total = total + self.ce_weight * ce
-        for name, method in self.methods.items():
-            result = method(out, targets, labels)
-            total = total + self.weights[name] * result["loss"]
-            parts.update({f"{name}/{k}": v.detach() for k, v in result.items()})
-        parts["loss"] = total
-        return parts
-
-
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over labelled views only (``label == -1`` means unlabelled); 0 when none is labelled."""
-    # Sum over labelled rows / their count, not boolean indexing: no device->host sync in the training step.
-    total = F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=label_smoothing, reduction="sum")
-    return total / (labels >= 0).sum().clamp_min(1)

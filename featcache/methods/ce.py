@@ -1,6 +1,6 @@
 """CE-only baseline: no distillation term, so the run is plain supervised training on the cached views.
 
-The label cross-entropy itself lives in :class:`~featcache.methods.base.DistillTask` (``ce_weight * CE``, label
+The label cross-entropy itself lives in :class:`~featcache.methods.task.DistillTask` (``ce_weight * CE``, label
 smoothing from the run, ``label == -1`` ignored); this method only contributes a zero loss and reads no
 teacher target. It makes the baseline of a sweep an ordinary run (same data order, views, schedule and
 evaluation as the distilled runs), which is what a fair comparison needs.

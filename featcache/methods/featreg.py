@@ -1,5 +1,5 @@
 """Feature regression: FitNets-style hint learning (Romero et al., "FitNets: Hints for Thin Deep Nets", 2015,
-Eq. 3) with the mean-reduced MSE / MAE of the KD background (paper 003, Eq. 6).
+Eq. 3) with a mean-reduced MSE or MAE between the adapted student feature and the teacher's.
 
 ``L = mean_{b,t,d} |T_{b,t,d} - f(S)_{b,t,d}|^p`` with p = 2 (``loss="mse"``) or 1 (``loss="l1"``) and ``f`` a
 token-wise ``Linear(D_s, D_t)`` (identity when the widths match and ``adapter="auto"``). One student block
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CompatError, ConfigError
 from ..manifest import Manifest, block_name
 from ._adapters import frozen_teacher_norm, grid_of, make_adapter, resize_tokens, split_prefix, to_tokens
 from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
@@ -34,7 +35,7 @@ def feature_regression_loss(pred: torch.Tensor, target: torch.Tensor, loss: str 
         return F.mse_loss(pred, target)
     if loss == "l1":
         return F.l1_loss(pred, target)
-    raise ValueError(f"featreg loss {loss!r} is unknown; use 'mse' or 'l1'")
+    raise ConfigError(f"featreg loss {loss!r} is unknown; use 'mse' or 'l1'")
 
 
 def align_tokens(student: torch.Tensor, teacher: torch.Tensor, npt_s: int, npt_t: int, keep_prefix: bool,
@@ -70,12 +71,11 @@ class FeatReg(Method):
         weight: coefficient of the regression loss.
     """
 
-
     def __init__(self, ctx: MethodContext, student_layer: int = -1, teacher_layer: int = -1, adapter: str = "auto",
                  loss: str = "mse", post_norm: bool = False, tokens: str = "all", weight: float = 1.0):
         super().__init__(ctx)
         if tokens not in ("all", "patch"):
-            raise ValueError(f"featreg tokens {tokens!r} is unknown; use 'all' or 'patch'")
+            raise ConfigError(f"featreg tokens {tokens!r} is unknown; use 'all' or 'patch'")
         feature_regression_loss(torch.zeros(1), torch.zeros(1), loss)  # validates `loss` early
         self.student_layer = ctx.student_layer(student_layer)
         self.target_name = block_name(ctx.teacher_layer(teacher_layer))
@@ -88,7 +88,7 @@ class FeatReg(Method):
         self.adapter = make_adapter(d_s, int(ctx.teacher["embed_dim"]), adapter)
         self.teacher_norm = frozen_teacher_norm(ctx) if self.post_norm else nn.Identity()
         if self.post_norm and getattr(ctx.student, "norm", None) is None:
-            raise ValueError("featreg post_norm=True needs a student with a final `norm` module; use post_norm=False")
+            raise CompatError("featreg post_norm=True needs a student with a final `norm` module; use post_norm=False")
 
     @classmethod
     def required_targets(cls, manifest: Manifest, teacher_layer: int = -1, **kwargs: Any) -> list[str]:

@@ -1,8 +1,9 @@
 """Hinton knowledge distillation (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015).
 
 ``L_KD = T^2 * mean_b KL(softmax(z_t / T) || softmax(z_s / T))`` -- the mdistiller ``kd_loss`` form
-(``F.kl_div(log_softmax(z_s/T), softmax(z_t/T), reduction='batchmean') * T**2``), paper 003 Eq. 3 with the
-Hinton T^2 gradient correction. The run's label term ``ce_weight * CE`` lives in ``DistillTask``.
+(``F.kl_div(log_softmax(z_s/T), softmax(z_t/T), reduction='batchmean') * T**2``), i.e. the KL form of
+Hinton et al.'s soft-target loss with their T^2 gradient correction (Sec. 2). The run's label term
+``ce_weight * CE`` lives in ``DistillTask``.
 
 Notes on the official implementations:
     * Temperature: the mdistiller ImageNet configs (R34->R18) use T=1 (CE 0.5, KD 0.5); its CIFAR configs use
@@ -19,6 +20,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..manifest import Manifest
 from .base import METHODS, Method, MethodContext, StudentOutput
 
@@ -42,11 +44,10 @@ class KD(Method):
             ``ce_weight``.
     """
 
-
     def __init__(self, ctx: MethodContext, temperature: float = 1.0, weight: float = 1.0):
         super().__init__(ctx)
         if temperature <= 0:
-            raise ValueError(f"kd temperature must be > 0, got {temperature}")
+            raise ConfigError(f"kd temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.weight = float(weight)
 

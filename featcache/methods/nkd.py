@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..manifest import Manifest
 from .base import METHODS, Method, MethodContext, StudentOutput
 
@@ -73,11 +74,10 @@ class NKD(Method):
         gamma: weight of the non-target term (1.0 for the DeiT configs; 1.5 is the official class default).
     """
 
-
     def __init__(self, ctx: MethodContext, temperature: float = 1.0, gamma: float = 1.0):
         super().__init__(ctx)
         if temperature <= 0:
-            raise ValueError(f"nkd temperature must be > 0, got {temperature}")
+            raise ConfigError(f"nkd temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.gamma = float(gamma)
 

@@ -2,7 +2,6 @@
 
 Fan et al., "ScaleKD: Strong Vision Transformers Could Be Excellent Teachers", NeurIPS 2024 (official code
 ``deep-optimization/ScaleKD``: ``fmd.py`` ``AttentionProjector``/``FreqMaskingDistillLoss``, ``kd.py``).
-See METHODS.md §4.
 
 * **CAP** (:class:`CrossAttentionProjector`): the student map (any timm architecture: ViT tokens, CNN or
   Mixer maps) goes through conv3x3 + BN + ReLU plus a learnable position embedding and becomes keys/values;
@@ -11,8 +10,9 @@ See METHODS.md §4.
   for the spatial view, one for the frequency view.
 * **DFM** (:func:`spatial_view_loss`, :func:`frequency_view_loss`): channel-L2-normalised squared error
   summed over C·H·W and divided by the batch, on the direct view and on the "alternative" view with the DCT
-  DC component zeroed -- numerically the per-channel spatial mean removed (METHODS §4.3, checked in the
-  tests against an explicit DCT-II). Weights ``alpha = (0.08, 0.06)``.
+  DC component zeroed -- numerically the per-channel spatial mean removed (the DC coefficient of a DCT-II is the
+  mean up to a factor, so zeroing it and inverting subtracts the mean; checked in the tests against an explicit
+  DCT-II). Weights ``alpha = (0.08, 0.06)``.
 * **Logit KD** at T = 1 in the official soft cross-entropy form ``-T² mean_b Σ p_t log p_s`` (weight 0.5);
   it differs from KL(teacher‖student) by the teacher entropy only (same gradients). The label CE is the
   shared one in ``DistillTask`` (default weight 0.5, label smoothing from the train config).
@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CompatError, ConfigError
 from ..manifest import Manifest, block_name
 from ..teachers import teacher_from_manifest
 from ._adapters import frozen_teacher_norm, grid_of, split_prefix
@@ -60,7 +61,7 @@ class CrossAttentionProjector(nn.Module):
                  num_heads: int = 8, softmax_scale: float = 5.0):
         super().__init__()
         if teacher_dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide the teacher width {teacher_dim}")
+            raise ConfigError(f"num_heads={num_heads} does not divide the teacher width {teacher_dim}")
         self.query_hw, self.num_heads, self.softmax_scale = tuple(query_hw), num_heads, float(softmax_scale)
         self.proj_student = nn.Sequential(nn.Conv2d(student_dim, student_dim, 3, padding=1),
                                           nn.BatchNorm2d(student_dim), nn.ReLU())
@@ -102,7 +103,7 @@ def spatial_view_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Both maps are ``[B, C, H, W]``; unweighted (ScaleKD multiplies by ``alpha[0]`` = 0.08).
     """
     if pred.shape != target.shape:
-        raise ValueError(f"projected student map {tuple(pred.shape)} != teacher map {tuple(target.shape)}")
+        raise CompatError(f"projected student map {tuple(pred.shape)} != teacher map {tuple(target.shape)}")
     diff = F.normalize(pred, dim=1) - F.normalize(target.to(pred.dtype), dim=1)
     return diff.pow(2).sum() / pred.shape[0]
 
@@ -156,7 +157,7 @@ class ScaleKD(Method):
                  student_layer: int = -1, tpp: bool = False, tpp_layer: int | None = None):
         super().__init__(ctx)
         if len(alpha) != 2:
-            raise ValueError(f"scalekd: alpha must be (spatial, frequency), got {alpha!r}")
+            raise ConfigError(f"scalekd: alpha must be (spatial, frequency), got {alpha!r}")
         self.alpha, self.kd_weight, self.temperature = (float(alpha[0]), float(alpha[1])), kd_weight, temperature
         t = ctx.teacher
         self.teacher_dim, self.teacher_prefix = int(t["embed_dim"]), int(t.get("num_prefix_tokens", 0))
@@ -185,7 +186,8 @@ class ScaleKD(Method):
             return self.teacher_grid
         spec = ctx.manifest.get("targets", {}).get(self.teacher_last)
         if not spec:
-            raise ValueError(f"the manifest gives neither the teacher's grid_size nor the shape of {self.teacher_last}")
+            raise CompatError(f"the manifest gives neither the teacher's grid_size nor the shape of "
+                              f"{self.teacher_last}; extract the cache with --layers including -1 (the last block)")
         return grid_of(int(spec["shape"][0]) - self.teacher_prefix)
 
     def _student_dims(self, shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
@@ -202,8 +204,8 @@ class ScaleKD(Method):
         """Keep only the teacher's last block + final norm (frozen, eval mode); drop the rest of the teacher."""
         model = teacher_from_manifest(ctx.manifest).model
         if not isinstance(getattr(model, "blocks", None), nn.Sequential) or not isinstance(model.norm, nn.LayerNorm):
-            raise ValueError(f"tpp=True needs a ViT teacher (blocks + final LayerNorm); "
-                             f"{type(model).__name__} has none -- run scalekd with tpp=False")
+            raise CompatError(f"tpp=True needs a ViT teacher (blocks + final LayerNorm); "
+                              f"{type(model).__name__} has none -- run scalekd with tpp=False")
         self.tpp_block, self.tpp_norm = model.blocks[-1].eval(), model.norm.eval()
         self.tpp_block.requires_grad_(False)
         self.tpp_norm.requires_grad_(False)

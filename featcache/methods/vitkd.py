@@ -30,6 +30,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import CompatError, ConfigError
 from ..manifest import Manifest, block_name
 from ._adapters import frozen_teacher_norm, grid_of, make_adapter
 from ._generators import build_generator
@@ -107,19 +108,18 @@ class ViTKD(Method):
         gen_heads: heads of the attention generators (default: D_t // 64, or 1).
     """
 
-
     def __init__(self, ctx: MethodContext, student_shallow: Sequence[int] = (0, 1),
                  teacher_shallow: Sequence[int] = (0, 1), student_deep: int = -1, teacher_deep: int = -1,
                  alpha: float = 3e-5, beta: float = 3e-6, lam: float = 0.5, mimic: str = "linear",
                  generation: str = "conv", gen_depth: int = 6, gen_heads: int | None = None):
         super().__init__(ctx)
         if len(student_shallow) != len(teacher_shallow):
-            raise ValueError(f"vitkd student_shallow {list(student_shallow)} and teacher_shallow "
-                             f"{list(teacher_shallow)} must pair up one to one")
+            raise ConfigError(f"vitkd student_shallow {list(student_shallow)} and teacher_shallow "
+                              f"{list(teacher_shallow)} must pair up one to one")
         if not 0 < lam <= 1:
-            raise ValueError(f"vitkd lam (masking ratio) must be in (0, 1], got {lam}")
+            raise ConfigError(f"vitkd lam (masking ratio) must be in (0, 1], got {lam}")
         if mimic not in ("linear", "correlation"):
-            raise ValueError(f"vitkd mimic {mimic!r} is unknown; use 'linear' or 'correlation'")
+            raise ConfigError(f"vitkd mimic {mimic!r} is unknown; use 'linear' or 'correlation'")
         self.alpha, self.beta, self.lam, self.mimic = float(alpha), float(beta), float(lam), mimic
         self.s_shallow = [ctx.student_layer(i) for i in student_shallow]
         self.s_deep = ctx.student_layer(student_deep)
@@ -130,7 +130,7 @@ class ViTKD(Method):
         d_t = int(ctx.teacher["embed_dim"])
         widths = self._student_widths(ctx)
         if getattr(ctx.student, "norm", None) is None:
-            raise ValueError("vitkd needs a student with a final `norm` (its deep feature is taken after it)")
+            raise CompatError("vitkd needs a student with a final `norm` (its deep feature is taken after it)")
         # Correlation matrices are N x N on both sides, so that variant needs no width adapter (Sec. 3.1).
         self.align2 = nn.ModuleList([make_adapter(widths[i], d_t) if mimic == "linear" else nn.Identity()
                                      for i in self.s_shallow])
@@ -143,8 +143,8 @@ class ViTKD(Method):
         shapes = ctx.student_feature_shapes(self.student_layers())
         bad = {i: s for i, s in shapes.items() if len(s) != 2}
         if bad:
-            raise ValueError(f"vitkd needs ViT-like [B, T, D] student features, got per-sample shapes {bad}; "
-                             "use featreg for CNN students")
+            raise CompatError(f"vitkd needs ViT-like [B, T, D] student features, got per-sample shapes {bad}; "
+                              "use featreg for CNN students")
         return {i: s[-1] for i, s in shapes.items()}
 
     @classmethod
@@ -183,5 +183,5 @@ class ViTKD(Method):
 
 def _check_same_grid(n_student: int, n_teacher: int) -> None:
     if n_student != n_teacher:
-        raise ValueError(f"vitkd needs the same patch grid for student and teacher: the student has {n_student} "
-                         f"patch tokens, the teacher {n_teacher}; match the student's img_size/patch_size")
+        raise CompatError(f"vitkd needs the same patch grid for student and teacher: the student has {n_student} "
+                          f"patch tokens, the teacher {n_teacher}; match the student's img_size/patch_size")

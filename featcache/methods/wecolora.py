@@ -1,7 +1,7 @@
 """WeCoLoRA: weight copy + (enhanced) LoRA for few-shot, label-free feature distillation of ViTs.
 
 Grigore, Georgescu et al., "Weight Copy and Low-Rank Adaptation for Few-Shot Distillation of Vision
-Transformers", WACV 2025 (official code ``dianagrigore/WeCoLoRA``, ``LoRA_ViT_timm``). See METHODS.md §5.
+Transformers", WACV 2025 (official code ``dianagrigore/WeCoLoRA``, ``LoRA_ViT_timm``).
 
 * Student = the teacher with every k-th block kept (student block j = teacher block j·k), patch embedding,
   prefix tokens, position embedding, final norm and head copied; every copied weight frozen.
@@ -9,7 +9,7 @@ Transformers", WACV 2025 (official code ``dianagrigore/WeCoLoRA``, ``LoRA_ViT_ti
   ``[:D]``, ``[D:2D]``, ``[2D:]``), on ``attn.proj`` and on ``mlp.fc1``/``mlp.fc2`` of every block
   ("enhanced LoRA"); A ~ kaiming_uniform(a=√5), B = 0, scale 1, no bias, no dropout -- so at step 0 the
   student *is* the layer-subsampled teacher.
-* Loss (Eq. in §3.2, ``engine_kd.py``): ``mean_{b,n,d} |T_{L-1}(x) - S_last(x)|`` over all tokens (CLS
+* Loss (paper Sec. 3.2, official ``engine_kd.py``): ``mean_{b,n,d} |T_{L-1}(x) - S_last(x)|`` over all tokens (CLS
   included) on the pre-norm residual stream; the target is the cached teacher block ``L-1``. Label-free.
 * After training LoRA is merged (``W += B A`` per slice) and the student saved as a plain timm model.
 
@@ -35,10 +35,12 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import CompatError, ConfigError
 from ..manifest import Manifest, block_name
-from ..teachers import load_model, teacher_from_manifest
+from ..models import load_model
+from ..teachers import teacher_from_manifest
 from ._adapters import frozen_teacher_norm
-from .base import METHODS, Method, MethodContext, StudentOutput, teacher_layer_targets
+from .base import METHODS, Method, MethodArgumentError, MethodContext, StudentOutput, teacher_layer_targets
 
 VARIANTS = ("lora", "weco_kd")
 LORA_TARGETS = {"all": ("q", "k", "v", "proj", "fc1", "fc2"), "qv": ("q", "v")}
@@ -98,11 +100,11 @@ def subsample_blocks(model: nn.Module, k: int) -> nn.Module:
     feature extraction wrappers read ``feature_info``, and both must describe the shallower model.
     """
     if k < 1:
-        raise ValueError(f"reduction factor k must be >= 1, got {k}")
+        raise ConfigError(f"reduction factor k must be >= 1, got {k}")
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
-        raise ValueError(f"WeCoLoRA needs a ViT-like teacher with an nn.Sequential `blocks`; "
-                         f"{type(model).__name__} has none")
+        raise CompatError(f"WeCoLoRA needs a ViT-like teacher with an nn.Sequential `blocks`; "
+                          f"{type(model).__name__} has none")
     model.blocks = nn.Sequential(*list(blocks)[0::k])
     info = getattr(model, "feature_info", None)
     if isinstance(info, list) and len(info) == len(blocks):
@@ -113,7 +115,7 @@ def subsample_blocks(model: nn.Module, k: int) -> nn.Module:
 def add_lora(model: nn.Module, rank: int, targets: str = "all") -> list[LoRALinear]:
     """Freeze ``model`` and wrap every block's q/k/v (slices of ``qkv``), ``proj``, ``fc1``, ``fc2`` with LoRA."""
     if targets not in LORA_TARGETS:
-        raise ValueError(f"lora_targets {targets!r} is unknown; use one of {sorted(LORA_TARGETS)}")
+        raise ConfigError(f"lora_targets {targets!r} is unknown; use one of {sorted(LORA_TARGETS)}")
     wanted = LORA_TARGETS[targets]
     model.requires_grad_(False)
     wrapped = []
@@ -122,8 +124,8 @@ def add_lora(model: nn.Module, rank: int, targets: str = "all") -> list[LoRALine
         for owner, attr in ((attn, "qkv"), (attn, "proj"), (mlp, "fc1"), (mlp, "fc2")):
             base = getattr(owner, attr, None)
             if not isinstance(base, nn.Linear):
-                raise ValueError(f"block {i}: expected an nn.Linear at {attr!r}, got {type(base).__name__}; "
-                                 "WeCoLoRA supports timm ViT blocks with fused qkv and an Mlp (fc1/fc2)")
+                raise CompatError(f"block {i}: expected an nn.Linear at {attr!r}, got {type(base).__name__}; "
+                                  "WeCoLoRA supports timm ViT blocks with fused qkv and an Mlp (fc1/fc2)")
             if attr == "qkv":
                 d = base.out_features // 3
                 slices = [(j * d, (j + 1) * d) for j, n in enumerate("qkv") if n in wanted]
@@ -147,8 +149,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def wecolora_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
     """L1 averaged over batch, tokens (CLS included) and channels: ``mean |T - S|`` (official ``engine_kd``)."""
     if student_tokens.shape != teacher_tokens.shape:
-        raise ValueError(f"student tokens {tuple(student_tokens.shape)} and teacher tokens "
-                         f"{tuple(teacher_tokens.shape)} differ; WeCoLoRA needs the teacher's own token layout")
+        raise CompatError(f"student tokens {tuple(student_tokens.shape)} and teacher tokens "
+                          f"{tuple(teacher_tokens.shape)} differ; WeCoLoRA needs the teacher's own token layout")
     return (teacher_tokens.to(student_tokens.dtype) - student_tokens).abs().mean()
 
 
@@ -185,12 +187,12 @@ class WeCoLoRA(Method):
         self.teacher_last = block_name(ctx.teacher_layer(-1))
         depth = len(getattr(ctx.student, "blocks", []))
         if depth != self.spec["model_kwargs"]["depth"]:
-            raise ValueError(f"student has {depth} blocks but k={k} on a {ctx.teacher_num_blocks}-block teacher "
-                             f"needs {self.spec['model_kwargs']['depth']}; build it with WeCoLoRA.build_student")
+            raise CompatError(f"student has {depth} blocks but k={k} on a {ctx.teacher_num_blocks}-block teacher "
+                              f"needs {self.spec['model_kwargs']['depth']}; build it with WeCoLoRA.build_student")
         has_lora = any(isinstance(m, LoRALinear) for m in ctx.student.modules())
         if has_lora != (variant == "lora"):
-            raise ValueError(f"variant={variant!r} but the student {'has' if has_lora else 'has no'} LoRA layers; "
-                             "build it with WeCoLoRA.build_student and the same method arguments")
+            raise CompatError(f"variant={variant!r} but the student {'has' if has_lora else 'has no'} LoRA layers; "
+                              "build it with WeCoLoRA.build_student and the same method arguments")
         self.student_last = depth - 1
         # WeCo+KD compares final-normed features: the teacher's norm is rebuilt (frozen) from the manifest.
         self.teacher_norm = frozen_teacher_norm(ctx) if variant == "weco_kd" else None
@@ -209,10 +211,11 @@ class WeCoLoRA(Method):
         """
         _check_args(k, r, variant, lora_targets)
         if kwargs:
-            raise TypeError(f"wecolora got unknown arguments {sorted(kwargs)}")
+            raise MethodArgumentError(f"wecolora got unknown arguments {sorted(kwargs)}; its arguments are k, r, "
+                                      "variant and lora_targets")
         if img_size is not None and int(img_size) != int(manifest["img_size"]):
-            raise ValueError(f"wecolora copies the teacher's position embedding, so the student must see the cache's "
-                             f"{manifest['img_size']} px views, not {img_size}; drop --img-size")
+            raise CompatError(f"wecolora copies the teacher's position embedding, so the student must see the cache's "
+                              f"{manifest['img_size']} px views, not {img_size}; drop --img-size")
         t = manifest["teacher"]
         if student_name and student_name not in ("teacher", t.get("name"), t.get("timm_name"), t.get("architecture")):
             warnings.warn(f"wecolora builds its student from the cached teacher {t.get('name')!r} (every {k}-th "
@@ -236,7 +239,7 @@ class WeCoLoRA(Method):
         t = targets[self.teacher_last]
         if self.teacher_norm is not None:
             if student.final_norm is None:
-                raise ValueError("variant='weco_kd' needs the student's final norm")
+                raise CompatError("variant='weco_kd' needs the student's final norm")
             s, t = student.final_norm(s), self.teacher_norm(t.to(s.dtype))
         loss = wecolora_loss(s, t)
         return {"loss": loss, "l1": loss.detach()}
@@ -254,10 +257,10 @@ class WeCoLoRA(Method):
 
 def _check_args(k: int, r: int, variant: str, lora_targets: str) -> None:
     if int(k) < 1:
-        raise ValueError(f"wecolora: k (depth reduction factor) must be >= 1, got {k}")
+        raise ConfigError(f"wecolora: k (depth reduction factor) must be >= 1, got {k}")
     if int(r) < 1:
-        raise ValueError(f"wecolora: r (LoRA rank) must be >= 1, got {r}")
+        raise ConfigError(f"wecolora: r (LoRA rank) must be >= 1, got {r}")
     if variant not in VARIANTS:
-        raise ValueError(f"wecolora: variant {variant!r} is unknown; use one of {list(VARIANTS)}")
+        raise ConfigError(f"wecolora: variant {variant!r} is unknown; use one of {list(VARIANTS)}")
     if lora_targets not in LORA_TARGETS:
-        raise ValueError(f"wecolora: lora_targets {lora_targets!r} is unknown; use one of {sorted(LORA_TARGETS)}")
+        raise ConfigError(f"wecolora: lora_targets {lora_targets!r} is unknown; use one of {sorted(LORA_TARGETS)}")

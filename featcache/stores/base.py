@@ -1,75 +1,283 @@
-"""The store protocol every backend (zarr, wds, hdf5) implements, and the cache manifest.
+"""What every store backend (zarr, wds, hdf5) is: a writer and a reader over the cache schema of
+:mod:`featcache.manifest`, registered by format name, plus the entry points that pick one.
 
-A cache holds, for every stored view (one *row*), a set of named target arrays and a set of per-view
-records. Rows are ordered ``row = sample_position * views + view`` and grouped into *units* of
-``shard_size`` consecutive rows: a unit is what one writer writes in one go (one Zarr shard, one tar
-shard, one HDF5 chunk range) and what resume counts. A unit is marked complete only after its data
-is durable, so a killed extraction never leaves a cache that claims data it does not have.
+A cache holds, for every row (one stored view), the arrays listed in ``manifest["arrays"]`` and the per-view records
+(:data:`~featcache.manifest.RECORD_DTYPES`), written in units of ``shard_size`` rows. The base classes hold
+everything the backends share, so a backend only says where bytes go:
 
-Target arrays (names are the API, shared by all backends):
-    ``block_{i}``  teacher block ``i`` output, pre final norm, prefix tokens kept: [rows, tokens, dim]
-    ``logits``     teacher logits: [rows, classes] (or ``logits__topk_values``/``logits__topk_indices``)
+* :class:`StoreWriter` claims the directory, creates or resumes the cache (refusing one made with other settings),
+  validates each unit, has the backend write it durably, marks it, and finalizes (:mod:`._units`).
+* :class:`StoreReader` decodes stored arrays into logical float32 targets once, here, for every backend
+  (:mod:`.encodings`), and keeps file handles per process: a reader pickles without them and reopens lazily in each
+  DataLoader worker, and a forked child drops the ones it inherited.
 
-Per-view records (small, read whole):
-    ``sample`` (int64), ``view`` (int32), ``label`` (int64), ``seed`` (int64),
-    ``params`` (float64 [rows, P], column names in ``manifest["views"]["param_names"]``),
-    ``fingerprint`` (uint32, CRC-32 of the replayed uint8 view), ``valid`` (uint8, 0 for skipped images).
+There are no capability flags: every backend offers the whole surface (random access, unit streaming, notes, sizes).
+The backends register on import of :mod:`featcache.stores`, as timm's model files do, so :func:`open_reader` and
+:func:`create_writer` find them by name.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 
 from ..errors import CacheError
 from ..manifest import Manifest
 from ..registry import Registry
+from . import _units
+from .encodings import Encoding, encoding, stored_names
 
-@runtime_checkable
-class StoreWriter(Protocol):
-    """Writes one cache. One writer per unit: processes may share a cache only on disjoint units."""
+
+class StoreWriter(ABC):
+    """Writes one cache. One writer per unit: processes may share a cache only on disjoint units.
+
+    Backends implement the hooks: ``_load_manifest``, ``_save_manifest``, ``_create``, ``_markers`` and
+    ``_write_data``; ``close`` when they hold files open.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any], overwrite: bool = False) -> None:
+        """Create the cache at ``path``, or reopen it for resume.
+
+        Raises:
+            CacheError: when ``path`` holds something else, or a cache whose identity differs from ``manifest``
+                (the message names the differing keys; ``overwrite=True`` starts afresh).
+        """
+        self.path = Path(path)
+        wanted = self._new_manifest(Manifest(manifest))
+        _units.claim(self.path, overwrite)
+        existing = self._load_manifest() if self.path.exists() else None
+        if existing is None:
+            if self.path.exists():  # creation was interrupted before the manifest landed: nothing in it is valid
+                shutil.rmtree(self.path)
+            self._create(wanted)
+            existing = wanted
+        else:
+            _units.check_identity(self.path, existing, wanted)
+        self._manifest = existing
+
+    @property
+    def manifest(self) -> Manifest:
+        """The cache's manifest (the existing one on resume); read it, change it only through the writer."""
+        return self._manifest
+
+    def _new_manifest(self, manifest: Manifest) -> Manifest:
+        out = manifest.copy()
+        out.setdefault("storage", {})["format"] = self.name
+        out["complete"] = False
+        return out
 
     def completed_units(self) -> set[int]:
         """Units already durable on disk (resume skips them)."""
+        return _units.completed(self._markers().read(self._manifest.num_units))
 
     def write_unit(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
                    skipped: list[str] | None = None) -> None:
-        """Write all rows of ``unit`` (arrays shaped [len(unit_rows), ...]) durably, then mark it complete."""
+        """Write all rows of ``unit`` (stored arrays and records shaped [len(unit_rows), ...]) durably, then mark it.
+
+        Raises:
+            CacheError: naming the array or record that does not match the manifest.
+        """
+        _units.check_unit(self._manifest, unit, targets, records)
+        extra = self._write_data(unit, targets, _units.record_arrays(records))
+        self._markers().write(unit, _units.unit_note(self._manifest, unit, skipped, **extra))
+
+    def record_measured_error(self, errors: Mapping[str, Mapping[str, Any]]) -> None:
+        """Keep the error measured for re-encoded targets (``targets[name]["measured_error"]``); saved by
+        :meth:`finalize`. ``targets`` is not part of the cache identity, so a resume still matches."""
+        for name, error in errors.items():
+            self._manifest["targets"][name]["measured_error"] = dict(error)
 
     def finalize(self) -> Manifest:
-        """Check every unit is complete, fold per-unit notes (skipped files) into the manifest, mark it complete."""
+        """Check every unit is marked, fold their notes (skipped files) into the manifest, mark it complete.
+
+        Raises:
+            CacheError: naming the units not written yet.
+        """
+        self.close()
+        notes = self._markers().read(self._manifest.num_units)
+        self._manifest = _units.finalized(self.path, self._manifest, notes)
+        self._save_manifest(self._manifest)
+        return self._manifest
+
+    def close(self) -> None:
+        """Release open files (a later :meth:`write_unit` reopens what it needs)."""
+
+    @abstractmethod
+    def _load_manifest(self) -> Manifest | None:
+        """The manifest stored at ``self.path``, None when there is none yet."""
+
+    @abstractmethod
+    def _save_manifest(self, manifest: Manifest) -> None:
+        """Store the manifest durably (atomically: readers see the old one or the new one)."""
+
+    @abstractmethod
+    def _create(self, manifest: Manifest) -> None:
+        """Lay out a new, empty cache: ``_featcache/`` first (it marks the directory as ours), the manifest last."""
+
+    @abstractmethod
+    def _markers(self) -> _units.Markers:
+        """Where this cache keeps its unit markers."""
+
+    @abstractmethod
+    def _write_data(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray]
+                    ) -> dict[str, Any]:
+        """Write one validated unit and make it durable; return backend keys for its marker note."""
 
 
-@runtime_checkable
-class StoreReader(Protocol):
-    """Reads one cache. Must be picklable and open files lazily, so DataLoader workers each open their own."""
+class StoreReader(ABC):
+    """Reads one cache. Picklable; files open lazily, once per process (each DataLoader worker opens its own).
 
-    manifest: Manifest
-    random_access: ClassVar[bool]
+    Backends implement ``_load_manifest``, ``_markers``, ``read_stored_row``, ``records`` and ``array_nbytes``, keep
+    their handles in attributes made by ``_fresh_handles`` and closed by ``_close_handles``, and call
+    :meth:`_own_handles` before using one. ``_pickled`` names the attributes that survive pickling.
+    """
+
+    name: ClassVar[str]
+    _pickled: ClassVar[tuple[str, ...]] = ("path", "manifest")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        """Open the cache at ``path`` (reading only its manifest).
+
+        Raises:
+            CacheError: when there is no cache of this format at ``path``.
+        """
+        self.path = Path(path)
+        manifest = self._load_manifest()
+        if manifest is None:
+            raise CacheError(f"no featcache {self.name} cache at {str(self.path)!r} (no manifest); make one with "
+                             "`featcache extract --out PATH`")
+        self.manifest = manifest
+        self._reset()
+
+    # -------------------------------------------------------------------------------------------- per process
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._encodings: dict[str, Encoding] = {}
+        self._fresh_handles()
+
+    def _own_handles(self) -> None:
+        """Call before using a handle: in a forked child, forget the parent's handles and open fresh ones."""
+        if self._pid != os.getpid():
+            self._reset()
+
+    def _fresh_handles(self) -> None:
+        """Start this process's (empty) handle caches."""
+
+    def _close_handles(self) -> None:
+        """Close this process's handles."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: self.__dict__[k] for k in self._pickled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def close(self) -> None:
+        """Close the files this process opened (inherited ones belong to the parent)."""
+        if getattr(self, "_pid", None) == os.getpid():
+            self._close_handles()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to close reliably
+            pass
+
+    # -------------------------------------------------------------------------------------------- the surface
 
     def __len__(self) -> int:
         """Number of rows (stored views)."""
+        return self.manifest.num_rows
 
+    def unit_of(self, row: int) -> int:
+        """The unit holding ``row``.
+
+        Raises:
+            IndexError: for a row outside the cache.
+        """
+        if not 0 <= row < self.manifest.num_rows:
+            raise IndexError(f"row {row} out of range: the cache has {self.manifest.num_rows} rows")
+        return self.manifest.unit_of(row)
+
+    def unit_notes(self) -> list[dict[str, Any]]:
+        """Per-unit marker notes (``{}`` for a unit not written yet)."""
+        return self._markers().read(self.manifest.num_units)
+
+    @abstractmethod
     def records(self) -> dict[str, np.ndarray]:
         """All per-view records, each an array over rows (small: read once)."""
 
+    @abstractmethod
+    def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Stored (undecoded) arrays of one row, all of ``manifest["arrays"]`` or ``names``."""
+
+    @abstractmethod
+    def array_nbytes(self) -> dict[str, int]:
+        """Bytes on disk of every stored array (what ``featcache info`` reports)."""
+
+    def iter_stored_unit(self, unit: int, names: list[str] | None = None
+                         ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Stream ``(row, stored arrays)`` over one unit; backends with a faster sequential read override it."""
+        for row in self.manifest.unit_rows(unit):
+            yield row, self.read_stored_row(row, names)
+
+    def decode(self, stored: Mapping[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Stored arrays of one row (or a batch of rows) -> logical float32 targets (only ``names`` if given)."""
+        targets = self.manifest["targets"]
+        out = {}
+        for name in names or list(targets):
+            if name not in self._encodings:
+                self._encodings[name] = encoding(targets[name]["encoding"])
+            out[name] = self._encodings[name].decode(name, stored, targets[name]["shape"])
+        return out
+
     def read_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Decoded targets of one row (lossy codecs and top-k decoded to dense float arrays)."""
+        """Decoded targets of one row (lossy codecs and top-k decoded to dense float32 arrays)."""
+        return self.decode(self.read_stored_row(row, stored_names(self.manifest, names)), names)
+
+    def iter_unit(self, unit: int, names: list[str] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Stream ``(row, targets)`` over one unit, decoded."""
+        for row, stored in self.iter_stored_unit(unit, stored_names(self.manifest, names)):
+            yield row, self.decode(stored, names)
 
     def iter_rows(self, rows: list[int] | None = None, names: list[str] | None = None
                   ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Stream ``(row, targets)``; the fast path for streaming backends."""
+        """Stream ``(row, targets)`` over ``rows`` in that order, or over the whole cache unit by unit."""
+        if rows is not None:
+            for row in rows:
+                yield row, self.read_row(row, names)
+            return
+        for unit in range(self.manifest.num_units):
+            yield from self.iter_unit(unit, names)
+
+    @abstractmethod
+    def _load_manifest(self) -> Manifest | None:
+        """The manifest stored at ``self.path``, None when there is none."""
+
+    @abstractmethod
+    def _markers(self) -> _units.Markers:
+        """Where this cache keeps its unit markers."""
 
 
-WRITERS: Registry[type] = Registry("store format")
-READERS: Registry[type] = Registry("store format")
+WRITERS: Registry[type[StoreWriter]] = Registry("store format")
+READERS: Registry[type[StoreReader]] = Registry("store format")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Guess a cache's backend from what lies on disk."""
+    """Guess a cache's backend from what lies on disk.
+
+    Raises:
+        CacheError: when nothing at ``path`` looks like a featcache cache.
+    """
     path = Path(path)
     if (path / "zarr.json").is_file():
         return "zarr"
@@ -84,16 +292,13 @@ def detect_format(path: str | os.PathLike) -> str:
                      "(create one with `featcache extract --out PATH`)")
 
 
-def _import_backends() -> None:
-    # Backends register themselves on import; importing here keeps `open_reader` the one entry point.
-    from . import hdf5_store, wds_store, zarr_store  # noqa: F401
-
-
 def open_reader(path: str | os.PathLike, format: str | None = None, require_complete: bool = True) -> StoreReader:
-    """Open a cache for reading, whatever its backend."""
-    _import_backends()
-    fmt = format or detect_format(path)
-    reader = READERS.get(fmt)(str(path))
+    """Open a cache for reading, whatever its backend.
+
+    Raises:
+        CacheError: when there is no cache at ``path``, or it is incomplete and ``require_complete`` is set.
+    """
+    reader = READERS.get(format or detect_format(path))(str(path))
     if require_complete and not reader.manifest.complete:
         raise CacheError(f"cache {str(path)!r} is incomplete; re-run the same `featcache extract` command to finish it")
     return reader
@@ -101,11 +306,10 @@ def open_reader(path: str | os.PathLike, format: str | None = None, require_comp
 
 def create_writer(path: str | os.PathLike, manifest: Manifest, format: str = "zarr", overwrite: bool = False
                   ) -> StoreWriter:
-    """Create (or reopen, for resume) a cache for writing.
+    """Create (or reopen, for resume) a cache for writing in backend ``format``.
 
     Raises:
         CacheError: if a cache already exists at ``path`` whose identity differs from ``manifest``
             (the message names the differing keys; ``overwrite=True`` starts afresh).
     """
-    _import_backends()
     return WRITERS.get(format)(str(path), manifest, overwrite=overwrite)

@@ -24,15 +24,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from . import _dirstore as ds
-from .base import READERS, WRITERS
-from ..manifest import Manifest, RECORD_DTYPES, safe_relpath
+from ..durable import fsync_path
 from ..errors import CacheError
-from .codecs import decode_targets, stored_names
+from ..manifest import RECORD_DTYPES, safe_relpath
+from . import _units
+from .base import READERS, WRITERS, StoreReader, StoreWriter
 
 PART_RE = re.compile(r"^part-(\d{3,})\.h5$")
 
@@ -48,75 +48,63 @@ def hdf5_filters(spec: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 @WRITERS.register("hdf5")
-class Hdf5Writer:
+class Hdf5Writer(_units.JsonManifestWriter, StoreWriter):
     """Writes units into this process's own part file, flushed and fsynced before the unit is marked done."""
 
-    def __init__(self, path: str, manifest: Manifest, overwrite: bool = False):
-        self.root = Path(path)
-        self.manifest = ds.open_dir(self.root, Manifest(manifest), "hdf5", overwrite)
-        self._file = None
-        self._units: list[int] = []
-
-    def completed_units(self) -> set[int]:
-        return set(ds.completed_units(self.root))
+    def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any], overwrite: bool = False) -> None:
+        self._file: Any = None  # this process's part file, claimed on the first unit
+        super().__init__(path, manifest, overwrite)
 
     def _claim_part(self) -> Path:
         for n in range(10_000):
-            path = self.root / f"part-{n:03d}.h5"
+            path = self.path / f"part-{n:03d}.h5"
             try:
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                 return path
             except FileExistsError:
                 continue
-        raise CacheError(f"{self.root}: no free part-NNN.h5 name left")
+        raise CacheError(f"{self.path}: no free part-NNN.h5 name left")
 
-    def _open(self):
+    def _open(self) -> Any:
         import h5py
 
         if self._file is None:
-            path = self._claim_part()
-            f = h5py.File(path, "w", libver="latest")
-            rows = self.manifest.num_rows
-            for name, spec in self.manifest["arrays"].items():
+            f = h5py.File(self._claim_part(), "w", libver="latest")
+            rows = self._manifest.num_rows
+            for name, spec in self._manifest["arrays"].items():
                 shape = tuple(spec["shape"])
                 d = f.create_dataset(name, shape=(rows, *shape), dtype=spec["dtype"], chunks=(1, *shape),
                                      **hdf5_filters(spec.get("compressor")))
                 d.attrs["compressor"] = json.dumps(spec.get("compressor") or {"name": "none"})
-            chunk = min(self.manifest.shard_size, rows)
-            params = len(self.manifest["views"]["param_names"])
-            for name, dtype in RECORD_DTYPES.items():
-                shape = (rows, params) if name == "params" else (rows,)
-                chunks = (chunk, *shape[1:]) if all(shape[1:]) else None  # HDF5 cannot chunk a 0-wide axis
-                f.create_dataset(f"records/{name}", shape=shape, dtype=dtype, chunks=chunks)
-            f.attrs["manifest"] = self.manifest.to_json()
+            self._create_records(f)
+            f.attrs["manifest"] = self._manifest.to_json()
             f.attrs["units"] = "[]"
-            self._file = f
+            self._file, self._units = f, []
         return self._file
 
-    def write_unit(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
-                   skipped: list[str] | None = None) -> None:
-        ds.check_unit(self.manifest, unit, targets, records)
+    def _create_records(self, f: Any) -> None:
+        rows = self._manifest.num_rows
+        chunk = min(self._manifest.shard_size, rows)
+        params = len(self._manifest["views"]["param_names"])
+        for name, dtype in RECORD_DTYPES.items():
+            shape = (rows, params) if name == "params" else (rows,)
+            chunks = (chunk, *shape[1:]) if all(shape[1:]) else None  # HDF5 cannot chunk a 0-wide axis
+            f.create_dataset(f"records/{name}", shape=shape, dtype=dtype, chunks=chunks)
+
+    def _write_data(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray]
+                    ) -> dict[str, Any]:
         f = self._open()
-        rows = self.manifest.unit_rows(unit)
+        rows = self._manifest.unit_rows(unit)
         sl = slice(rows.start, rows.stop)
         for name, value in targets.items():
             f[name][sl] = value
-        for name, value in ds.record_arrays(records).items():
+        for name, value in records.items():
             f[f"records/{name}"][sl] = value
         self._units.append(unit)
         f.attrs["units"] = json.dumps(sorted(set(self._units)))
         f.flush()
-        fd = os.open(f.filename, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        ds.mark_unit(self.root, self.manifest, unit, skipped, file=Path(f.filename).name)
-
-    def finalize(self) -> Manifest:
-        self.close()
-        self.manifest = ds.finalize_dir(self.root, self.manifest)
-        return self.manifest
+        fsync_path(f.filename)
+        return {"file": Path(f.filename).name}
 
     def close(self) -> None:
         if self._file is not None:
@@ -125,52 +113,47 @@ class Hdf5Writer:
 
 
 @READERS.register("hdf5")
-class Hdf5Reader:
+class Hdf5Reader(_units.JsonManifestLayout, StoreReader):
     """Opens ``h5py.File`` handles lazily, per process; pickling drops them so DataLoader workers open their own."""
 
-    random_access: ClassVar[bool] = True
+    _pickled = ("path", "manifest", "unit_files")
 
-    def __init__(self, path: str):
-        self.root = Path(path)
-        self.manifest = ds.read_manifest(self.root)
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
         self.unit_files = self._unit_files()
-        self._reset()
 
     def _unit_files(self) -> dict[int, str]:
+        """Unit -> the part file its marker names (the newest write of that unit)."""
         out = {}
-        for unit, marker in ds.completed_units(self.root).items():
+        for unit, marker in enumerate(self.unit_notes()):
+            if not marker:
+                continue
             name = safe_relpath(str(marker.get("file", "")))
             if not PART_RE.match(name):
                 raise CacheError(f"unit marker {unit} names {name!r}, expected part-NNN.h5")
             out[unit] = name
         return out
 
-    def _reset(self) -> None:
-        self._pid = os.getpid()
+    def _fresh_handles(self) -> None:
         self._files: dict[str, Any] = {}
         self._datasets: dict[tuple[int, str], Any] = {}  # (unit, array) -> open h5py dataset
         self._records: dict[str, np.ndarray] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "manifest": self.manifest, "unit_files": self.unit_files}
+    def _close_handles(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._datasets.clear()
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset()
-
-    def __len__(self) -> int:
-        return self.manifest.num_rows
-
-    def _file_of(self, unit: int):
+    def _file_of(self, unit: int) -> Any:
         import h5py
 
-        if self._pid != os.getpid():  # HDF5 handles must not cross a fork
-            self._reset()
+        self._own_handles()  # HDF5 handles must not cross a fork
         if unit not in self.unit_files:
-            raise CacheError(f"unit {unit} of {str(self.root)!r} is not written; re-run `featcache extract` to finish")
+            raise CacheError(f"unit {unit} of {str(self.path)!r} is not written; re-run `featcache extract` to finish")
         name = self.unit_files[unit]
         if name not in self._files:
-            self._files[name] = h5py.File(self.root / name, "r")
+            self._files[name] = h5py.File(self.path / name, "r")
         return self._files[name]
 
     def _dataset(self, unit: int, name: str) -> Any:
@@ -183,8 +166,7 @@ class Hdf5Reader:
         return self._datasets[key]
 
     def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Stored (undecoded) arrays of one row."""
-        unit = ds.unit_of(self.manifest, row)
+        unit = self.unit_of(row)
         return {n: self._dataset(unit, n)[row] for n in names or list(self.manifest["arrays"])}
 
     def read_unit(self, unit: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -193,8 +175,12 @@ class Hdf5Reader:
         rows = self.manifest.unit_rows(unit)
         return {n: f[n][rows.start:rows.stop] for n in names or list(self.manifest["arrays"])}
 
-    def read_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        return decode_targets(self.read_stored_row(row, stored_names(self.manifest, names)), self.manifest, names)
+    def iter_stored_unit(self, unit: int, names: list[str] | None = None
+                         ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """One read per dataset for the whole unit, then row by row."""
+        stored = self.read_unit(unit, names)
+        for i, row in enumerate(self.manifest.unit_rows(unit)):
+            yield row, {k: v[i] for k, v in stored.items()}
 
     def records(self) -> dict[str, np.ndarray]:
         if self._records is None:
@@ -206,21 +192,6 @@ class Hdf5Reader:
             self._records = {k: np.concatenate(v) for k, v in parts.items()}
         return dict(self._records)
 
-    def iter_rows(self, rows: list[int] | None = None, names: list[str] | None = None
-                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        if rows is not None:
-            for row in rows:
-                yield row, self.read_row(row, names)
-            return
-        wanted = stored_names(self.manifest, names)
-        for unit in range(self.manifest.num_units):
-            stored = self.read_unit(unit, wanted)
-            for i, row in enumerate(self.manifest.unit_rows(unit)):
-                yield row, decode_targets({k: v[i] for k, v in stored.items()}, self.manifest, names)
-
-    def unit_notes(self) -> list[dict[str, Any]]:
-        return ds.unit_notes(self.root, self.manifest)
-
     def array_nbytes(self) -> dict[str, int]:
         """Bytes each stored array takes on disk, summed over the part files holding written units."""
         out = dict.fromkeys(self.manifest["arrays"], 0)
@@ -230,8 +201,3 @@ class Hdf5Reader:
             for name in out:
                 out[name] += f[name].id.get_storage_size()
         return out
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()

@@ -1,17 +1,17 @@
-"""Toy caches for the store tests: a small manifest, random targets with
-outlier channels, records."""
+"""Toy caches for the store tests: a small manifest, random targets with outlier channels, records.
+
+A plugin backend's tests can reuse them: register the backend, then loop over :data:`FORMATS` (read at import).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from featcache.stores.base import WRITERS, _import_backends, create_writer
-
 from featcache.manifest import Manifest
-from featcache.stores.codecs import array_specs, encode_targets, targets_section
+from featcache.stores import WRITERS, create_writer
+from featcache.stores.encodings import array_specs, encode_targets, targets_section
 
-_import_backends()
 FORMATS = WRITERS.names()
 
 

@@ -2,7 +2,7 @@
 import torch
 
 from featcache.methods import DistillTask
-from featcache.methods.base import ce_loss
+from featcache.methods.task import ce_loss
 from featcache.methods.ce import CE
 
 

@@ -202,3 +202,26 @@ def test_cli_extract_then_train_scalekd(tmp_path, student, args):
     assert train and {"scalekd/spat", "scalekd/freq", "scalekd/kd"} <= set(train[-1])
     online = " ".join(final["online_teacher_cost"])
     assert ("TPP runs teacher block 3" in online) == ("tpp=true" in args)
+
+
+@pytest.mark.parametrize("tpp", [False, True], ids=["default", "tpp"])
+def test_scalekd_golden_default_config(manifest, batch, tpp):
+    """Official defaults (alpha 0.08/0.06, KD 0.5 at T=1, 8 heads, scale 5) on fixed inputs, against stored values."""
+    images, targets, labels = batch
+    torch.manual_seed(0)  # student and projector init
+    student = make_student()
+    method = ScaleKD(MethodContext(manifest, student, IMG), tpp=tpp)
+    out = method(student_forward(student, images, method.student_layers()), targets, labels)
+    got = {k: v.item() for k, v in out.items()}
+    want = GOLDEN_SCALEKD["tpp" if tpp else "default"]
+    assert set(got) == set(want)
+    assert np.allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)], rtol=1e-5), got
+
+
+# Computed once from the verified implementation (seed 0, the session's tiny teacher and batch).
+GOLDEN_SCALEKD = {
+    "default": {"loss": 5.665008544921875, "spat": 32.40457534790039, "freq": 31.966665267944336,
+                "kd": 2.3092851638793945},
+    "tpp": {"loss": 10.173885345458984, "tpp_spat": 31.996328353881836, "tpp_freq": 31.676610946655273,
+            "spat": 32.56163024902344, "freq": 32.56682586669922, "kd": 2.3092851638793945},
+}

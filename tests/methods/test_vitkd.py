@@ -45,7 +45,7 @@ def test_mimic_sum_over_b_and_scale_gotcha():
     rng = np.random.default_rng(0)
     p, t = rng.normal(size=(2, B, N, DT)), rng.normal(size=(2, B, N, DT))
     got = vitkd_mimic_loss([torch.tensor(x) for x in p], [torch.tensor(x) for x in t]).item()
-    # Sum over two layers / B, i.e. 2 * N * D times the per-element MSE (the scale gotcha of METHODS.md 1.4).
+    # Sum over two layers / B, i.e. 2 * N * D times the per-element MSE (the official scale, not a mean).
     assert np.isclose(got, 2 * N * DT * ((p - t) ** 2).mean())
 
 

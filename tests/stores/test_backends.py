@@ -14,10 +14,10 @@ import torch
 import zarr
 
 from featcache.errors import CacheError
-
-from featcache.stores.base import create_writer, open_reader
-from featcache.stores.codecs import encode_targets
-from featcache.stores.wds_store import parse_member, split_shards
+from featcache.stores import create_writer, open_reader
+from featcache.stores.encodings import encode_targets
+from featcache.stores.wds_store import parse_member
+from featcache.stores.wds_stream import split_shards
 from featcache.testing.toystore import toy_manifest, toy_records, toy_targets, unit_slice, write_toy
 
 

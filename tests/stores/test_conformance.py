@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from featcache.errors import CacheError
-
-from featcache.stores.base import create_writer, open_reader
-from featcache.stores.codecs import decode_targets, encode_targets
-from featcache.testing.toystore import FORMATS, RowDataset, snapshot, toy_manifest, toy_records, toy_targets, unit_slice, write_toy
+from featcache.stores import create_writer, open_reader
+from featcache.stores.encodings import decode_targets, encode_targets
+from featcache.testing.toystore import (FORMATS, RowDataset, snapshot, toy_manifest, toy_records, toy_targets,
+                                        unit_slice, write_toy)
 
 SETTINGS = [("fp16", "none", None), ("bf16", "blosc-zstd:5:bitshuffle", 5), ("fp32", "int8+zstd", None)]
 
@@ -143,3 +143,24 @@ def test_bad_unit_is_refused(tmp_path, fmt):
     stored["block_0"] = stored["block_0"][:, :2]
     with pytest.raises((CacheError, ValueError), match="block_0"):
         writer.write_unit(0, stored, unit_slice(m, records, 0))
+
+
+def test_reader_surface(tmp_path, fmt):
+    """Every backend offers the whole base surface: unit streaming, notes, sizes, range checks, close and reopen."""
+    path, m, targets, records = _toy(tmp_path, fmt, codec="int8+zstd", topk=4)
+    write_toy(path, m, targets, records)
+    reader = open_reader(path)
+    assert [n["rows"] for n in reader.unit_notes()] == [[0, 4], [4, 8], [8, 12], [12, 15]]
+    sizes = reader.array_nbytes()
+    assert set(sizes) == set(m["arrays"]) and all(v > 0 for v in sizes.values())
+    streamed = list(reader.iter_unit(3, ["block_2"]))
+    assert [r for r, _ in streamed] == [12, 13, 14]
+    for row, got in streamed:
+        _assert_same(got, reader.read_row(row, ["block_2"]))
+    stored = dict(reader.iter_stored_unit(1, ["logits__topk_values"]))
+    assert list(stored) == [4, 5, 6, 7] and set(stored[5]) == {"logits__topk_values"}
+    with pytest.raises(IndexError, match="out of range"):
+        reader.read_stored_row(m.num_rows)
+    reader.close()
+    _assert_same(reader.read_row(2), decode_targets({k: v[2] for k, v in encode_targets(targets, m["storage"]).items()},
+                                                    m))

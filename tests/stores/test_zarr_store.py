@@ -8,13 +8,12 @@ import warnings
 import numpy as np
 import pytest
 import zarr
-from featcache.testing.toystore import toy_manifest, toy_records, toy_targets, write_toy
 
 from featcache.errors import CacheError
-
-from featcache.stores.base import create_writer, open_reader
-from featcache.stores.codecs import encode_targets
+from featcache.stores import create_writer, open_reader
+from featcache.stores.encodings import encode_targets
 from featcache.stores.zarr_store import ZarrReader, read_manifest
+from featcache.testing.toystore import toy_manifest, toy_records, toy_targets, write_toy
 
 
 def _write(tmp_path, codec="none", dtype="fp16", units=None, finalize=True, **kw):

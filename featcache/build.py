@@ -1,0 +1,169 @@
+"""What the stage-2 loop (:mod:`featcache.engine`) trains with: methods, student, task, optimizer, schedule, loaders.
+
+Kept apart from the loop so ``engine.py`` reads like Accelerate's examples. Nothing here branches on a method: a
+method says what it needs (targets, a student it builds itself) through :class:`featcache.methods.Method`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from . import compat
+from .config import TrainConfig
+from .errors import CompatError, ConfigError
+from .manifest import Manifest, block_index
+from .methods import MethodContext
+from .methods.task import DistillTask, MethodSpec, method_specs
+from .models import load_model
+from .views import normalize
+
+def resolve_methods(cfg: TrainConfig, manifest: Manifest) -> list[MethodSpec]:
+    """Parse ``--method`` + ``method_args`` and run the compatibility check (before anything is built)."""
+    specs = method_specs(cfg.method, cfg.method_args)
+    compat.check(manifest, cfg, specs)
+    return specs
+
+
+def resolve_ce_weight(cfg: TrainConfig, specs: Sequence[MethodSpec]) -> float:
+    """``--ce-weight``, else the smallest default of the methods (0 as soon as one is label-free)."""
+    return cfg.ce_weight if cfg.ce_weight is not None else min(cls.default_ce_weight for _, cls, _, _ in specs)
+
+
+def required_targets(manifest: Manifest, specs: Sequence[MethodSpec]) -> list[str]:
+    """The cached targets the methods read, sorted (the loader reads nothing else)."""
+    return sorted({t for _, cls, args, _ in specs for t in cls.required_targets(manifest, **args)})
+
+
+def student_spec(cfg: TrainConfig, manifest: Manifest, img_size: int) -> dict[str, Any]:
+    """The ``--student`` spec ``student.json`` records unless a method builds (and describes) its own student."""
+    return {"model": cfg.student, "img_size": img_size, "num_classes": _num_classes(cfg, manifest),
+            "model_kwargs": dict(cfg.student_kwargs)}
+
+
+def _num_classes(cfg: TrainConfig, manifest: Manifest) -> int:
+    return int(cfg.num_classes or manifest["teacher"]["num_classes"])
+
+
+def build_student(cfg: TrainConfig, manifest: Manifest, specs: Sequence[MethodSpec], img_size: int) -> nn.Module:
+    """The student a method builds (at most one may, e.g. WeCoLoRA's weight copy), else the timm ``--student``."""
+    built = [(n, m) for n, cls, args, _ in specs if (m := cls.build_student(manifest, cfg.student, img_size, **args))
+             is not None]
+    if len(built) > 1:
+        raise ConfigError(f"methods {[n for n, _ in built]} each build their own student; combine at most one of them")
+    if built:
+        return built[0][1]
+    from .models import load_model
+
+    return load_model(cfg.student, pretrained=cfg.pretrained, checkpoint=cfg.student_checkpoint, img_size=img_size,
+                      num_classes=_num_classes(cfg, manifest), init_seed=cfg.seed, **cfg.student_kwargs)
+
+
+def build_task(cfg: TrainConfig, manifest: Manifest, student: nn.Module, specs: Sequence[MethodSpec], img_size: int
+               ) -> DistillTask:
+    """Instantiate every method on the student and wrap them in the one trainable module."""
+    ctx = MethodContext(manifest, student, img_size)
+    methods = {}
+    for name, cls, args, weight in specs:
+        try:
+            methods[name] = (cls(ctx, **args), weight)
+        except (TypeError, ValueError) as err:
+            raise CompatError(f"method {name} cannot run on this cache/student: {err}") from err
+    return DistillTask(student, methods, ce_weight=resolve_ce_weight(cfg, specs),
+                       label_smoothing=cfg.label_smoothing)
+
+
+def build_optimizer(cfg: TrainConfig, task: DistillTask, num_processes: int) -> torch.optim.Optimizer:
+    """AdamW without weight decay on 1-D params, biases and the student's ``no_weight_decay()`` (timm style)."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = getattr(task.student, "no_weight_decay", lambda: set())()
+    groups = param_groups_weight_decay(task, cfg.weight_decay, no_weight_decay_list=[f"student.{n}" for n in skip])
+    lr = cfg.lr
+    if cfg.lr_base_batch:
+        lr = cfg.lr * cfg.batch_size * cfg.grad_accum * num_processes / cfg.lr_base_batch
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, num_processes: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warmup over ``warmup_epochs``, then cosine from ``lr`` to ``min_lr``.
+
+    Counted in *global* optimizer steps (Accelerate steps a prepared scheduler once per process per step),
+    from the loader length before ``prepare``, as in Accelerate's examples.
+    """
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps * num_processes)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    base_lr = optimizer.param_groups[0]["lr"]
+    floor = min(cfg.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    # Worker seeds come from the loader's own generator, never from the global RNG that load_state restores.
+    return {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "pin_memory": torch.cuda.is_available(),
+            "generator": torch.Generator().manual_seed(cfg.seed)}
+
+
+def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tuple[Any, Any, DataLoader]:
+    """The cached views (replayed from their source images) with their targets: ``(dataset, sampler, loader)``."""
+    from .datasets import CachedViewDataset, EpochSampler
+    from .sources import source_from_manifest
+    from .views import Recipe
+
+    manifest = reader.manifest
+    source = source_from_manifest(manifest, root=cfg.data)
+    dataset = CachedViewDataset(reader, source, Recipe.from_dict(manifest["views"]["recipe"]), needed,
+                                view_policy=cfg.view_policy, label_shots=cfg.label_shots, seed=cfg.seed,
+                                fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher)
+    sampler = EpochSampler(len(dataset), seed=cfg.seed)
+    return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
+
+
+def build_eval_loader(cfg: TrainConfig, manifest: Manifest, img_size: int) -> DataLoader | None:
+    """``--val`` as resize + centre-crop views with the cache's interpolation; ``None`` without ``--val``."""
+    if not cfg.val:
+        return None
+    from .datasets import EvalDataset
+    from .sources import open_source
+
+    interpolation = manifest.get("normalization", {}).get("interpolation", "bicubic")
+    dataset = EvalDataset(open_source(cfg.val), img_size, manifest["data"]["classes"], interpolation=interpolation)
+    return DataLoader(dataset, shuffle=False, **_loader_kwargs(cfg))
+
+
+class OnlineTargets:
+    """``--online-teacher``: the cache's teacher computes the targets on the replayed views of each batch.
+
+    Targets are rounded through the cache's storage dtype (fp16/bf16), so for a cache without a lossy codec they
+    equal the cached ones up to batch-composition float noise (with fp32, the teacher's exact outputs). The
+    codec (``int8``, ``bitround``, ``--topk``) is not applied: against such a cache the online run sees the
+    teacher's unquantised targets, so it is the reference the codec's error is measured against, not a parity run.
+    """
+
+    def __init__(self, manifest: Manifest, names: list[str], device: torch.device):
+        from . import teachers  # imported here: the cached path must never touch the teacher
+
+        self.teacher = teachers.teacher_from_manifest(manifest, device=device)
+        blocks = sorted(i for i in map(block_index, names) if i is not None)
+        self.layers = blocks or [int(manifest["teacher"]["num_blocks"]) - 1]
+        self.names = names
+        self.mean, self.std = manifest["normalization"]["mean"], manifest["normalization"]["std"]
+        self.round_to = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(manifest["storage"]["dtype"])
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.teacher.targets(normalize(images, self.mean, self.std), self.layers)
+        return {n: out[n].to(self.round_to).float() if self.round_to else out[n].float() for n in self.names}

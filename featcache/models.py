@@ -1,0 +1,212 @@
+"""timm plumbing shared by teachers and students: names, loading, normalisation, device, block taps.
+
+Teachers (stage 1) and students (stage 2) are both plain timm models, so everything that touches timm's API lives
+here once: the alias table, :func:`load_model` (hub, offline hub cache or a local checkpoint, never unpickling),
+the weights hash, the input normalisation, the block count and index resolver (timm's ``feature_take_indices``
+contract), and :func:`forward_taps`, the one call to ``forward_intermediates`` that every feature consumer uses.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, MissingFileError
+
+#: Short names -> the real timm ``architecture.tag`` behind each, as used by the source papers.
+MODEL_ALIASES: dict[str, str] = {
+    "deit3_small": "deit3_small_patch16_224.fb_in22k_ft_in1k",  # ViTKD (DeiT III-S teacher)
+    "deit3_base": "deit3_base_patch16_224.fb_in22k_ft_in1k",  # ViTKD (DeiT III-B teacher)
+    "deit3_large": "deit3_large_patch16_224.fb_in22k_ft_in1k",  # ViTKD (DeiT III-L teacher)
+    "deit_tiny": "deit_tiny_patch16_224.fb_in1k",  # ViTKD student
+    "deit_small": "deit_small_patch16_224.fb_in1k",  # ViTKD (DeiT-S teacher / student)
+    "deit_base": "deit_base_patch16_224.fb_in1k",  # ViTKD student, ScaleKD student
+    # WeCoLoRA's supervised ViT-B: timm 0.3.2's default vit_base_patch16_224 weights, the original JAX
+    # in21k->in1k port (mean = std = 0.5), which timm now tags orig_in21k_ft_in1k.
+    "vit_base": "vit_base_patch16_224.orig_in21k_ft_in1k",
+    "vit_base_mae": "vit_base_patch16_224.mae",  # WeCoLoRA (self-supervised MAE teacher)
+    "swin_large": "swin_large_patch4_window7_224.ms_in22k_ft_in1k",  # ScaleKD teacher
+    "resnet50": "resnet50.a1_in1k",  # ScaleKD student
+}
+
+#: Seed of the weight init of models built without pretrained weights or a checkpoint.
+RANDOM_INIT_SEED = 0
+
+#: Keys under which common training codebases (timm, DeiT, mmcls) nest the state dict in a checkpoint.
+_STATE_DICT_WRAPPERS = ("state_dict", "model", "state_dict_ema")
+
+
+def resolve_name(name: str) -> str:
+    """Alias -> full timm ``architecture.tag`` name; other names pass through unchanged."""
+    return MODEL_ALIASES.get(name, name)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def normalization(model: nn.Module) -> dict[str, Any]:
+    """The model's input normalisation from its (pretrained) timm config: mean, std, interpolation, input side."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+            "interpolation": str(cfg.get("interpolation", "bicubic")), "input_size": int(cfg["input_size"][-1])}
+
+
+def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None, img_size: int | None = None,
+               num_classes: int | None = None, init_seed: int = RANDOM_INIT_SEED, **kwargs: Any) -> nn.Module:
+    """Create any timm model by alias or name (teachers and students alike).
+
+    Args:
+        name: alias (see ``MODEL_ALIASES``) or timm name, optionally with a ``.tag``.
+        pretrained: load timm's pretrained weights (works offline from a local hub cache).
+        checkpoint: a local ``.safetensors`` file or torch state dict, loaded with ``weights_only=True``.
+        img_size: timm's ``img_size`` override (ViTs resample their position embedding).
+        num_classes: classifier size override.
+        init_seed: seed of the random weight init (students pass the run's ``--seed``; teachers keep the default).
+        **kwargs: passed to ``timm.create_model``; ``None`` values are dropped, as timm's factory does.
+    """
+    kwargs = {k: v for k, v in dict(kwargs, img_size=img_size, num_classes=num_classes).items() if v is not None}
+    full = resolve_name(name)
+    _check_known(name, full)
+    # A randomly initialised model (tests, `--no-pretrained`) must be the same model every time it is built,
+    # or `verify` and `--online-teacher` would compare against a different teacher: seed its init locally.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = _create(full, pretrained and checkpoint is None, kwargs)
+    if checkpoint is not None:
+        model.load_state_dict(load_state_dict(checkpoint))
+    return model
+
+
+def _check_known(name: str, full: str) -> None:
+    """Refuse a name timm has neither a model nor a pretrained config for, naming how to find candidates."""
+    arch = full.split(".")[0]
+    if timm.get_pretrained_cfg(arch) is None and not timm.is_model(arch):
+        raise ConfigError(f"unknown timm model {name!r}; list candidates with `timm.list_models('*{name}*')` or "
+                          f"`featcache teachers`")
+
+
+def _create(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``, retried without ``img_size`` for models that do not take it (CNNs)."""
+    try:
+        return timm.create_model(full, pretrained=pretrained, **kwargs)
+    except TypeError:  # img_size is a ViT-only argument
+        if "img_size" not in kwargs:
+            raise
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+        return timm.create_model(full, pretrained=pretrained, **kwargs)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights without ever unpickling: safetensors, or torch's ``weights_only=True`` loader.
+
+    A checkpoint that holds arbitrary Python objects is refused by torch's restricted unpickler (an
+    ``UnpicklingError``), so nothing from a downloaded file can run code here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist; pass the path of a .safetensors file or a "
+                               "torch state dict")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in _STATE_DICT_WRAPPERS:
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            return state[key]
+    return state
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes, bytes), in state-dict order."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # Flattened first: torch cannot reinterpret a 0-d tensor (BatchNorm's step counter) as bytes. For every
+        # other tensor the bytes are the same as without it, so hashes recorded in existing caches still match.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def count_blocks(model: nn.Module) -> int:
+    """Number of feature taps ``forward_intermediates`` indexes.
+
+    timm's ``feature_info`` when the model has one (it is what timm indexes: e.g. EfficientNet has 7 block groups
+    but 5 taps), else the length of ViT ``blocks`` / ``stages`` / Swin ``layers``.
+    """
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info:
+        return len(info)
+    for attr in ("blocks", "stages", "layers"):
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+            return len(blocks)
+    raise ConfigError(f"cannot count the feature taps of {type(model).__name__}: it has no feature_info/blocks/"
+                      "stages; use a timm model that supports forward_intermediates")
+
+
+def resolve_layers(indices: Sequence[int], num_blocks: int) -> list[int]:
+    """Absolute block indices for ``indices`` under timm's ``feature_take_indices`` contract.
+
+    Negative indices count from the end (``-1`` is the last block); an index outside ``[-num_blocks, num_blocks)``
+    raises, naming the valid range. Unlike timm, the order is kept and duplicates are refused, because each index
+    names one cached target.
+    """
+    resolved = []
+    for index in indices:
+        absolute = num_blocks + int(index) if int(index) < 0 else int(index)
+        if not 0 <= absolute < num_blocks:
+            raise ConfigError(f"block index {index} is out of range for a model with {num_blocks} blocks "
+                              f"(valid: 0..{num_blocks - 1} or -{num_blocks}..-1)")
+        resolved.append(absolute)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"block indices {list(indices)} name a block twice (resolved: {resolved})")
+    return resolved
+
+
+def resolve_layer(index: int, num_blocks: int) -> int:
+    """One block index under the same contract as :func:`resolve_layers`."""
+    return resolve_layers([index], num_blocks)[0]
+
+
+class Taps(NamedTuple):
+    """What one :func:`forward_taps` pass returns.
+
+    Attributes:
+        final: the final features, what ``model.forward_head`` turns into logits.
+        features: one tensor per requested block, before the final norm: ``[B, T, D]`` with prefix tokens first
+            for ViT-like models, the ``[B, C, H, W]`` map for CNNs.
+    """
+
+    final: torch.Tensor
+    features: list[torch.Tensor]
+
+
+def forward_taps(model: nn.Module, images: torch.Tensor, layers: Sequence[int]) -> Taps:
+    """Run ``model`` once through timm's ``forward_intermediates``, keeping the block outputs ``layers``.
+
+    ViT-like models (those with ``num_prefix_tokens``) return ``NLC`` tokens with their prefix tokens (CLS,
+    registers, distillation) concatenated in front, so a cached block has timm's own token order; other models
+    return their NCHW stage maps unchanged. Indices are absolute (see :func:`resolve_layers`).
+    """
+    if not hasattr(model, "num_prefix_tokens"):
+        final, maps = model.forward_intermediates(images, indices=list(layers), norm=False)
+        return Taps(final, list(maps))
+    final, inter = model.forward_intermediates(images, indices=list(layers), norm=False, return_prefix_tokens=True,
+                                               output_fmt="NLC")
+    # timm gives (tokens, prefix) pairs only when the model has prefix tokens; plain tensors otherwise.
+    return Taps(final, [torch.cat([f[1], f[0]], dim=1) if isinstance(f, tuple) else f for f in inter])
+
+
+__all__ = ["MODEL_ALIASES", "RANDOM_INIT_SEED", "Taps", "count_blocks", "forward_taps", "load_model",
+           "load_state_dict", "normalization", "resolve_device", "resolve_layer", "resolve_layers", "resolve_name",
+           "weights_sha256"]

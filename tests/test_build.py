@@ -1,0 +1,106 @@
+"""What the loop trains with (featcache.build): method resolution, student, task, optimizer, schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from featcache.testing.caches import STUDENT, make_cache
+
+from featcache import build, compat, models
+from featcache.config import TrainConfig
+from featcache.methods import METHODS
+from featcache.methods.task import DistillTask, MethodSpec, split_method_args
+from featcache.stores import open_reader
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    _, path = make_cache(tmp_path_factory.mktemp("build"), per_class=2)
+    return open_reader(path).manifest
+
+
+def test_scheduler_warms_up_then_follows_a_cosine_to_min_lr():
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(cache="x", lr=1.0, min_lr=0.1, epochs=2, warmup_epochs=1, batch_size=1)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    sched = build.build_scheduler(cfg, opt, batches_per_epoch=4, num_processes=1)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs[4:] == pytest.approx(cosine)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_max_steps_shortens_the_cosine():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    cfg = TrainConfig(cache="x", lr=1.0, min_lr=0.0, epochs=10, max_steps=4)
+    sched = build.build_scheduler(cfg, opt, batches_per_epoch=4, num_processes=1)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_optimizer_skips_weight_decay_on_1d_and_vit_tokens():
+    student = models.load_model("deit_tiny", pretrained=False, img_size=32, num_classes=3, depth=1)
+    task = DistillTask(student, {}, ce_weight=1.0)
+    cfg = TrainConfig(cache="x", weight_decay=0.05, lr=1e-3, lr_base_batch=4, batch_size=2, grad_accum=2)
+    opt = build.build_optimizer(cfg, task, num_processes=2)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(student.pos_embed) in no_decay and id(student.cls_token) in no_decay
+    assert id(student.blocks[0].norm1.weight) in no_decay and id(student.head.weight) not in no_decay
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 * 2 * 2 / 4)
+
+
+def test_method_args_split_single_and_composite():
+    assert split_method_args(["kd"], {"temperature": 4}) == {"kd": {"temperature": 4}}
+    assert split_method_args(["kd"], {"kd": {"temperature": 4}}) == {"kd": {"temperature": 4}}
+    both = split_method_args(["vitkd", "nkd"], {"nkd": {"gamma": 2}})
+    assert both == {"vitkd": {}, "nkd": {"gamma": 2}}
+    with pytest.raises(ValueError, match="name.key=value"):
+        split_method_args(["vitkd", "nkd"], {"gamma": 2})
+
+
+def test_resolve_methods_gives_specs_and_checks_the_cache_first(manifest):
+    cfg = TrainConfig(cache="c", method="vitkd:0.5+nkd", method_args={"nkd": {"gamma": 2.0}}, **STUDENT)
+    specs = build.resolve_methods(cfg, manifest)
+    assert [tuple(s) for s in specs] == [("vitkd", METHODS.get("vitkd"), {}, 0.5),
+                                         ("nkd", METHODS.get("nkd"), {"gamma": 2.0}, 1.0)]
+    with pytest.raises(compat.CompatError, match="student would see 64 px"):
+        build.resolve_methods(TrainConfig(cache="c", method="kd", img_size=64), manifest)
+    with pytest.raises(ValueError, match="names a method twice"):
+        build.resolve_methods(TrainConfig(cache="c", method="kd+kd", img_size=32), manifest)
+
+
+def test_ce_weight_targets_and_student_spec(manifest):
+    specs = [MethodSpec("kd", METHODS.get("kd"), {}, 1.0), MethodSpec("vitkd", METHODS.get("vitkd"), {}, 1.0)]
+    cfg = TrainConfig(cache="c", **STUDENT)
+    assert build.resolve_ce_weight(cfg, specs) == min(METHODS.get("kd").default_ce_weight,
+                                                      METHODS.get("vitkd").default_ce_weight)
+    assert build.resolve_ce_weight(TrainConfig(cache="c", ce_weight=0.25), specs) == 0.25
+    needed = build.required_targets(manifest, specs)
+    assert needed == sorted(needed) and "logits" in needed and set(needed) <= set(manifest["targets"])
+    spec = build.student_spec(cfg, manifest, 32)
+    assert spec == {"model": "deit_tiny", "img_size": 32, "num_classes": int(manifest["teacher"]["num_classes"]),
+                    "model_kwargs": {"depth": 4}}
+
+
+def test_student_and_task_are_seeded_and_wired(manifest):
+    cfg = TrainConfig(cache="c", method="kd", seed=5, **STUDENT)
+    specs = build.resolve_methods(cfg, manifest)
+    a, b = (build.build_student(cfg, manifest, specs, 32) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    task = build.build_task(cfg, manifest, a, specs, 32)
+    assert isinstance(task, DistillTask) and list(task.methods) == ["kd"] and task.student is a
+    with pytest.raises(compat.CompatError, match="method vitkd cannot run"):
+        bad = [MethodSpec("vitkd", METHODS.get("vitkd"), {"alpha": "x", "no_such_arg": 1}, 1.0)]
+        build.build_task(cfg, manifest, a, bad, 32)
+
+
+def test_no_eval_loader_without_val(manifest):
+    assert build.build_eval_loader(TrainConfig(cache="c"), manifest, 32) is None
