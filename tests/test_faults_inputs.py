@@ -328,6 +328,7 @@ def test_link_and_extra_members_are_recorded_as_skipped(tmp_path, caplog):
             tar.addfile(info)
         _add(tar, "m.cls", b"0")
         _add(tar, "n.cls", b"0")
+    (tmp_path / "README").write_text("not a shard")
     with caplog.at_level(logging.WARNING, logger="featcache.sources"):
         src = open_source(tmp_path)
     assert [it.relpath for it in src.items] == ["a.tar#k.png"]
@@ -336,6 +337,7 @@ def test_link_and_extra_members_are_recorded_as_skipped(tmp_path, caplog):
     assert reasons["a.tar#n.png"] == "link member (hard link), not followed"
     assert "nor a .cls label" in reasons["a.tar#k.json"]
     assert reasons["a.tar#m.cls"] == "a .cls label without an image"
+    assert reasons["README"] == "not a .tar shard"
     assert "(link member (symlink), not followed): a.tar#m.png" in caplog.text
     assert src.load(0).shape == (3, 12, 10)
 
