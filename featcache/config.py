@@ -140,7 +140,8 @@ class TrainConfig:
     label_shots: int | None = setting(None, "Keep labels for this many samples per class [all].")
     view_policy: str = setting("cycle", "cycle: view = (epoch + per-sample offset) mod K; random: uniform per epoch "
                                         "and sample.", choices="featcache.datasets:VIEW_POLICIES")
-    fingerprint_checks: int = setting(16, "Replayed views per epoch checked against their stored fingerprint.")
+    fingerprint_checks: int | None = setting(None, "Check only a seeded sample of this many replayed views per "
+                                                   "epoch against their stored fingerprint (0: none) [every view].")
     online_teacher: bool = setting(False, "Compute the targets with the live teacher on the same replayed views "
                                           "(parity check and speed baseline) instead of reading the cache.")
     # Accelerate's own list also has fp8, which needs hardware and kernels featcache does not test.

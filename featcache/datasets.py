@@ -11,9 +11,11 @@ View policy (how epochs draw from the K stored views of each sample; only *valid
 Both depend on ``(seed, epoch, sample)`` only, never on workers or batch order, so a resumed run and a run on
 more processes see the same (sample, view) pairs.
 
-Replay drift: every epoch a seeded sample of ``fingerprint_checks`` items is re-fingerprinted and compared with
-the CRC-32 stored at extraction; a mismatch raises :class:`ReplayDriftError` (the student would otherwise learn
-from targets of a different input).
+Replay drift: every replayed item is re-fingerprinted and compared with the CRC-32 stored at extraction (a
+CRC-32 of a 224 px view costs tens of microseconds); ``fingerprint_checks=N`` checks a seeded sample of N items per
+epoch instead. A mismatch raises :class:`ReplayDriftError` naming the file, the cache row and the likely cause (the
+student would otherwise learn from targets of a different input); an image that no longer decodes raises
+:class:`DecodeError` with the same row. Both are raised in the DataLoader worker and reach the user as one line.
 """
 from __future__ import annotations
 
@@ -24,9 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .errors import DecodeError
+from .errors import ConfigError, DecodeError, ReplayDriftError
 from .sources import ImageSource
-from .errors import ReplayDriftError
 from .stores.base import StoreReader
 from .views import Recipe, eval_recipe, fingerprint, make_view, replay, sample_params
 
@@ -123,15 +124,16 @@ class CachedViewDataset(Dataset):
         view_policy: ``cycle`` or ``random`` (module docstring).
         label_shots: keep labels for the first this-many samples per class; others get label -1.
         seed: seeds the view policy and the per-epoch fingerprint sample.
-        fingerprint_checks: items per epoch whose replay is checked against the stored fingerprint.
+        fingerprint_checks: None checks every item's replay against the stored fingerprint; N checks a seeded
+            sample of N items per epoch (0: none).
         with_targets: read cached targets (False for ``--online-teacher``, which computes them).
     """
 
     def __init__(self, reader: StoreReader, source: ImageSource, recipe: Recipe, targets: list[str],
                  view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
-                 fingerprint_checks: int = 16, with_targets: bool = True):
+                 fingerprint_checks: int | None = None, with_targets: bool = True):
         if view_policy not in VIEW_POLICIES:
-            raise ValueError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
+            raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
         self.reader, self.source, self.recipe = reader, source, recipe
         self.targets = list(targets) if with_targets else []
         self.view_policy, self.seed, self.fingerprint_checks = view_policy, seed, fingerprint_checks
@@ -141,6 +143,7 @@ class CachedViewDataset(Dataset):
         self.rows_of, self.samples, labels = _valid_rows(rec, reader.manifest.views_per_sample)
         keep = labelled_mask(labels, label_shots)
         self.labels = np.where(keep, labels, -1)
+        self.drift = environment_drift(reader.manifest.get("versions", {}))
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -149,9 +152,7 @@ class CachedViewDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the views of ``epoch`` and the items whose fingerprint is checked this epoch."""
         self.epoch = int(epoch)
-        n = min(self.fingerprint_checks, len(self))
-        rng = np.random.default_rng([self.seed, self.epoch, 0xF1])
-        self.checked = set(rng.choice(len(self), size=n, replace=False).tolist()) if n > 0 else set()
+        self.checked = checked_items(self.fingerprint_checks, len(self), [self.seed, self.epoch, 0xF1])
 
     def row_of(self, index: int) -> int:
         """The cache row (stored view) item ``index`` uses in the current epoch."""
@@ -160,8 +161,8 @@ class CachedViewDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample, row = self.samples[index], self.row_of(index)
-        image = replay(self.source.load(sample), self.recipe, self.params[row])
-        if index in self.checked:
+        image = replay(self.load(sample, row), self.recipe, self.params[row])
+        if self.checked is None or index in self.checked:
             self.check_fingerprint(sample, row, image)
         out: dict[str, Any] = {"image": image, "label": int(self.labels[index]), "row": row, "sample": sample}
         if self.targets:
@@ -169,6 +170,16 @@ class CachedViewDataset(Dataset):
             out["targets"] = {k: torch.from_numpy(np.require(v, np.float32, ["W"]))
                               for k, v in self.reader.read_row(row, self.targets).items()}
         return out
+
+    def load(self, sample: int, row: int) -> torch.Tensor:
+        """The decoded source image of ``sample``; a file that no longer decodes is named with its cache row."""
+        try:
+            return self.source.load(sample)
+        except DecodeError as err:
+            raise DecodeError(err.path or self.source.path_of(sample), err.reason or str(err), err.relpath,
+                              fix=f"cache row {row} was extracted from it, so it changed since extraction or --data "
+                                  "points at another copy of the images; restore the file, or re-extract the cache"
+                              ) from None
 
     def check_fingerprint(self, sample: int, row: int, image: torch.Tensor) -> None:
         """Raise :class:`ReplayDriftError` if the replayed ``image`` is not the view the teacher saw."""
@@ -178,10 +189,34 @@ class CachedViewDataset(Dataset):
         raise ReplayDriftError(
             f"replayed view of sample {sample} ({self.source.path_of(sample)}, cache row {row}) has fingerprint "
             f"{got:#010x}, but the cache stored {stored:#010x}: the student would not see the input the teacher saw. "
-            "Likely causes: the image file changed on disk since extraction; --data points at a different copy of "
-            "the dataset; a different torchvision/Pillow/libjpeg version or interpolation resamples differently "
-            "(compare `versions` in the cache manifest with this environment). Re-extract the cache, or restore "
-            "the original files/environment.")
+            f"Likely cause: {drift_cause(self.drift)}. Restore the original file or environment (--data DIR points "
+            "training at another copy of the images), or re-extract the cache.")
+
+
+def checked_items(checks: int | None, n: int, seed: Sequence[int]) -> set[int] | None:
+    """The items of an epoch whose fingerprint is checked: None for all, else a seeded sample of ``checks``."""
+    if checks is not None and checks < 0:
+        raise ConfigError(f"--fingerprint-checks must be >= 0 (or unset: every item), got {checks}")
+    if checks is None or checks >= n:
+        return None
+    return set(np.random.default_rng(seed).choice(n, size=checks, replace=False).tolist()) if checks else set()
+
+
+def environment_drift(recorded: dict[str, str]) -> list[str]:
+    """The libraries that render a view (decode aside) whose version differs from the one recorded at extraction."""
+    import torchvision
+
+    now = {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__}
+    return [f"{name} {recorded[name]} at extraction, {v} now" for name, v in now.items()
+            if name in recorded and str(recorded[name]) != v]
+
+
+def drift_cause(drift: list[str]) -> str:
+    if drift:
+        return f"the libraries that resample the view changed ({'; '.join(drift)})"
+    return ("the image file changed on disk since extraction, or --data points at a different copy of the dataset "
+            "(with the same torch/torchvision as at extraction, only a different Pillow/libjpeg could also decode it "
+            "differently)")
 
 
 def _valid_rows(records: dict[str, np.ndarray], views: int) -> tuple[list[list[int]], list[int], np.ndarray]:
@@ -221,7 +256,11 @@ class EvalDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.source.load(index)
+        try:
+            image = self.source.load(index)
+        except DecodeError as err:
+            raise DecodeError(err.path or self.source.path_of(index), err.reason or str(err), err.relpath,
+                              fix="fix it or remove it from the --val folder") from None
         params = sample_params(self.recipe, 0, (image.shape[-2], image.shape[-1]))
         label = self.label_map[self.source.items[index].label]
         return {"image": replay(image, self.recipe, params), "label": label}

@@ -8,8 +8,31 @@ an unknown name), so library users can keep catching those.
 from __future__ import annotations
 
 
+def worker_message(text: str, cls: type) -> str:
+    """The original message inside the text of an error torch's DataLoader re-raised from a worker.
+
+    ``torch._utils.ExceptionWrapper.reraise`` rebuilds a worker's exception as ``cls(text)``, where ``text`` is
+    ``"Caught <cls> in DataLoader worker process N."``, then the worker's ``"Original Traceback ..."`` ending with
+    the formatted exception line ``"<module>.<cls>: <message>"``; the message is what follows the last such line.
+    Any other text is returned as it is.
+    """
+    if not text.startswith(f"Caught {cls.__name__} ") or "\nOriginal Traceback" not in text:
+        return text
+    _, found, message = text.rpartition(f"\n{cls.__module__}.{cls.__qualname__}: ")
+    return message.rstrip("\n") if found else text
+
+
 class FeatcacheError(Exception):
-    """Base of every error whose message tells the user what to fix."""
+    """Base of every error whose message tells the user what to fix.
+
+    An error raised in a DataLoader worker reaches the main process with its original one-line message (see
+    :func:`worker_message`), not with the worker's traceback: it is the user's error, not a bug.
+    """
+
+    def __init__(self, *args: object):
+        if args and isinstance(args[0], str):
+            args = (worker_message(args[0], type(self)), *args[1:])
+        super().__init__(*args)
 
     def __str__(self) -> str:  # KeyError would quote its message; every featcache error reads as plain text
         return str(self.args[0]) if self.args else ""
@@ -40,21 +63,35 @@ class CompatError(FeatcacheError, ValueError):
 
 
 class DecodeError(FeatcacheError, RuntimeError):
-    """An image could not be read or decoded; ``path`` is the file (``shard.tar#member`` for shards)."""
+    """An image could not be read or decoded; ``path`` is the file (``shard.tar#member`` for shards).
 
-    def __init__(self, path: str, reason: str, relpath: str | None = None):
-        super().__init__(f"cannot decode image {path}: {reason} (fix or remove the file, or pass --skip-corrupt "
-                         f"to skip it and record the skip in the cache manifest)")
-        self.path = path
+    ``fix`` is what the user can do; the default suits extraction (whose ``--skip-corrupt`` records the skip).
+    A single argument is a whole message (torch's DataLoader rebuilds a worker's error from its text).
+    """
+
+    EXTRACT_FIX = "fix or remove the file, or pass --skip-corrupt to skip it and record the skip in the cache manifest"
+
+    def __init__(self, path: str, reason: str | None = None, relpath: str | None = None, fix: str | None = None):
+        message = path if reason is None else f"cannot decode image {path}: {reason} ({fix or self.EXTRACT_FIX})"
+        super().__init__(message)
+        self.path = path if reason is not None else None
         self.reason = reason
         self.relpath = relpath
+        self.fix = fix
 
     def __reduce__(self):  # pickled across DataLoader workers: rebuild from the constructor's arguments
-        return type(self), (self.path, self.reason, self.relpath)
+        if self.reason is None:
+            return type(self), (str(self),)
+        return type(self), (self.path, self.reason, self.relpath, self.fix)
 
 
 class ReplayDriftError(FeatcacheError, RuntimeError):
     """A replayed view does not reproduce the fingerprint stored at extraction."""
+
+
+class SourceError(FeatcacheError, ValueError):
+    """The images (an ImageFolder tree or WebDataset shards) cannot be used as they are: no images, a symlink that
+    leaves the root, a truncated or compressed shard, a bad label; the message names the file and the fix."""
 
 
 class SweepError(FeatcacheError, RuntimeError):
@@ -65,4 +102,4 @@ class SweepError(FeatcacheError, RuntimeError):
 ImageDecodeError = DecodeError
 
 __all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "RunExistsError", "CacheError",
-           "CompatError", "DecodeError", "ImageDecodeError", "ReplayDriftError", "SweepError"]
+           "CompatError", "DecodeError", "ImageDecodeError", "ReplayDriftError", "SourceError", "SweepError"]

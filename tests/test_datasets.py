@@ -9,7 +9,8 @@ from featcache.testing.caches import make_cache
 
 from featcache.sources import open_source, source_from_manifest
 from featcache.datasets import (CachedViewDataset, EpochSampler, EvalDataset, ReplayDriftError, choose_view,
-                               labelled_mask)
+                               environment_drift, labelled_mask)
+from featcache.errors import ConfigError, DecodeError
 from featcache.stores.base import open_reader
 from featcache.views import Recipe, fingerprint
 
@@ -119,3 +120,137 @@ def test_eval_dataset_center_crops_and_maps_labels_by_class_name(tmp_path):
     assert torch.equal(items[0]["image"], ds[0]["image"])
     with pytest.raises(ValueError, match="class_1"):
         EvalDataset(open_source(val), 32, ["class_0"])
+
+
+# ------------------------------------------------------------------------------------------- replay drift (issue 10)
+
+
+def _changed_copy(cache, tmp_path, relpath="class_2/img_1.png"):
+    """A copy of the cache's images with one file replaced by another picture."""
+    import shutil
+
+    data = tmp_path / "copy"
+    shutil.copytree(cache["data"], data)
+    random_image(np.random.default_rng(99), (40, 48)).save(data / relpath)
+    return data
+
+
+def _on(cache, data, **kw) -> CachedViewDataset:
+    reader = open_reader(cache["cache"])
+    m = reader.manifest
+    return CachedViewDataset(reader, source_from_manifest(m, root=data), Recipe.from_dict(m["views"]["recipe"]), [],
+                             **kw)
+
+
+def _train_options() -> set[str]:
+    import dataclasses
+
+    from featcache.config import TrainConfig
+
+    return {"--" + f.metadata.get("option", f.name).replace("_", "-") for f in dataclasses.fields(TrainConfig)}
+
+
+def _options_in(message: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"--[a-z][a-z-]+", message))
+
+
+def test_every_replayed_item_is_checked_by_default(cache, tmp_path):
+    data = _changed_copy(cache, tmp_path)
+    ds = _on(cache, data)
+    index = next(i for i in range(len(ds)) if ds.source.items[ds.samples[i]].relpath == "class_2/img_1.png")
+    for epoch in range(3):  # whichever view the epoch uses, and whatever a sample would have drawn
+        ds.set_epoch(epoch)
+        assert ds.checked is None
+        with pytest.raises(ReplayDriftError) as info:
+            ds[index]
+        message = str(info.value)
+        assert str(data / "class_2" / "img_1.png") in message and f"cache row {ds.row_of(index)}" in message
+        assert "Likely cause: the image file changed on disk" in message and "\n" not in message
+        assert _options_in(message) <= _train_options(), "the message suggests options train lacks"
+    for i in range(len(ds)):
+        if i != index:
+            ds[i]  # the unchanged files replay exactly
+
+
+def test_fingerprint_checks_samples_a_seeded_subset(cache):
+    ds = dataset(cache, fingerprint_checks=3)
+    first = ds.checked
+    assert len(first) == 3 and first <= set(range(len(ds)))
+    ds.set_epoch(1)
+    assert len(ds.checked) == 3 and ds.checked != first
+    ds.set_epoch(0)
+    assert ds.checked == first
+    assert dataset(cache, fingerprint_checks=0).checked == set()
+    assert dataset(cache, fingerprint_checks=len(ds) + 5).checked is None
+    with pytest.raises(ConfigError, match="--fingerprint-checks"):
+        dataset(cache, fingerprint_checks=-1)
+
+
+def test_drift_after_a_library_change_names_the_versions(cache, tmp_path):
+    ds = _on(cache, _changed_copy(cache, tmp_path))
+    ds.drift = environment_drift({"torch": "0.0.1", "numpy": np.__version__})
+    with pytest.raises(ReplayDriftError, match=r"libraries that resample the view changed \(torch 0\.0\.1 at "):
+        for i in range(len(ds)):
+            ds[i]
+
+
+def test_an_image_that_no_longer_decodes_names_the_row_not_extract_options(cache, tmp_path):
+    data = _changed_copy(cache, tmp_path)
+    (data / "class_0" / "img_2.png").write_bytes(b"")
+    ds = _on(cache, data)
+    index = next(i for i in range(len(ds)) if ds.source.items[ds.samples[i]].relpath == "class_0/img_2.png")
+    with pytest.raises(DecodeError) as info:
+        ds[index]
+    message = str(info.value)
+    assert "img_2.png: the file is empty" in message and f"cache row {ds.row_of(index)}" in message
+    assert _options_in(message) <= _train_options() and "--skip-corrupt" not in message
+
+
+@pytest.mark.parametrize("fault", ["drift", "decode"])
+def test_errors_raised_in_a_dataloader_worker_reach_the_caller_as_one_line(cache, tmp_path, fault):
+    from torch.utils.data import DataLoader
+
+    data = _changed_copy(cache, tmp_path)
+    if fault == "decode":
+        (data / "class_2" / "img_1.png").write_bytes(b"")
+    expected = ReplayDriftError if fault == "drift" else DecodeError
+    try:
+        for _ in DataLoader(_on(cache, data), batch_size=4, num_workers=1):
+            pass
+    except expected as err:  # not pytest.raises: its traceback would keep the loader's worker alive
+        message = str(err)
+    else:
+        pytest.fail(f"no {expected.__name__}")
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+    assert "class_2/img_1.png" in message and "cache row" in message
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("clean_accelerate")
+def test_train_stops_on_drift_with_one_line(cache, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    data = _changed_copy(cache, tmp_path)
+    result = CliRunner().invoke(main, [
+        "train", "--cache", cache["cache"], "--data", str(data), "--out", str(tmp_path / "run"), "--method", "kd",
+        "--student", "deit_tiny", "--student-kwargs", json.dumps({"depth": 1}), "--no-pretrained", "--img-size",
+        "32", "--epochs", "1", "--batch-size", "4", "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "Traceback" not in result.output, result.output
+    assert error[0].startswith("Error: replayed view of sample") and "class_2/img_1.png" in error[0]
+
+
+def test_eval_folder_decode_errors_name_the_val_fix(tmp_path):
+    val = make_image_folder(tmp_path / "val", classes=1, per_class=2)
+    (val / "class_0" / "img_1.png").write_bytes(b"")
+    ds = EvalDataset(open_source(val), 32, ["class_0"])
+    with pytest.raises(DecodeError, match=r"img_1\.png: the file is empty.*--val folder") as info:
+        ds[1]
+    assert "--skip-corrupt" not in str(info.value)

@@ -1,0 +1,167 @@
+"""`SourceItem`, `ImageSource` (picklable, opens files only in `load`) and the report of ignored entries."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..errors import CacheError, ConfigError, DecodeError
+from ..manifest import safe_relpath
+from .decode import decode_image
+from .tars import index_shard
+
+# torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS), matched in any case.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+KINDS = ("folder", "wds")
+
+log = logging.getLogger("featcache.sources")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    relpath: str
+    label: int
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def within(path: str, root: str) -> bool:
+    """True when the (resolved) ``path`` is ``root`` or lies under it."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+@functools.lru_cache(maxsize=1)
+def _pillow_extensions() -> frozenset[str]:
+    from PIL import Image
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def file_reason(name: str) -> str:
+    """Why a file with this name is not read as an image (extension not in :data:`IMG_EXTENSIONS`)."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _pillow_extensions():
+        return f"Pillow registers {ext} images, but featcache reads only {'/'.join(IMG_EXTENSIONS)}: convert them"
+    return f"not an image extension ({ext or 'no extension'})"
+
+
+def report_ignored(where: str, ignored: Sequence[tuple[str, str]]) -> None:
+    """Log one line per reason: how many entries under ``where`` were not used, and a few of them."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for path, reason in ignored:
+        by_reason[reason].append(path)
+    for reason, paths in by_reason.items():
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        log.warning("featcache: ignored %d under %s (%s): %s%s", len(paths), where, reason, ", ".join(paths[:3]), more)
+
+
+def split_wds_relpath(relpath: str) -> tuple[str, str]:
+    shard, sep, member = relpath.partition("#")
+    if not sep or not member:
+        raise CacheError(f"bad WebDataset item {relpath!r}: expected '<shard.tar>#<member>'")
+    return safe_relpath(shard), safe_relpath(member)
+
+
+class ImageSource:
+    """Images + labels under one root. Picklable; files are opened only in `load`.
+
+    Attributes:
+        kind: ``folder`` or ``wds``.
+        root: the directory relpaths are relative to.
+        classes: class names; ``classes[label]`` names a label.
+        items: the images, in sample order.
+        ignored: ``(path, reason)`` of every entry discovery did not use (empty for a source read from a manifest).
+    """
+
+    def __init__(self, kind: str, root: str | os.PathLike, classes: Sequence[str], items: Sequence[SourceItem],
+                 ignored: Sequence[tuple[str, str]] = ()):
+        if kind not in KINDS:
+            raise ConfigError(f"unknown data kind {kind!r}; known: {list(KINDS)}")
+        self.kind = kind
+        self.root = str(root)
+        self.classes = list(classes)
+        self.items = list(items)
+        self.ignored = list(ignored)
+        self._index: dict[str, dict[str, tuple[int, int]]] = {}  # wds: shard -> member -> (offset, size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"ImageSource(kind={self.kind!r}, root={self.root!r}, classes={len(self.classes)}, items={len(self)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The wds offset index is per process (rebuilt lazily from tar headers), never shipped to workers.
+        state = self.__dict__.copy()
+        state["_index"] = {}
+        return state
+
+    @property
+    def labels(self) -> list[int]:
+        return [it.label for it in self.items]
+
+    def path_of(self, i: int) -> str:
+        """Human-readable location of item ``i`` (``/root/class/x.jpg`` or ``/root/shard.tar#key.jpg``)."""
+        return os.path.join(self.root, self.items[i].relpath)
+
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded bytes of item ``i``.
+
+        Raises:
+            DecodeError: a folder file that resolves outside the root, or a shard member cut short.
+        """
+        relpath = self.items[i].relpath
+        if self.kind == "folder":
+            with open(self._resolve_inside(relpath), "rb") as fh:
+                return fh.read()
+        shard, member = split_wds_relpath(relpath)
+        entry = self._member_index(shard).get(member)
+        if entry is None:
+            raise CacheError(f"member {member!r} not found in shard {os.path.join(self.root, shard)}; the shards "
+                             "changed since the cache was made")
+        with open(os.path.join(self.root, shard), "rb") as fh:
+            fh.seek(entry[0])
+            data = fh.read(entry[1])
+        if len(data) != entry[1]:
+            raise DecodeError(self.path_of(i), f"the shard ends {entry[1] - len(data)} bytes into this member", relpath)
+        return data
+
+    def load(self, i: int) -> torch.Tensor:
+        """Decoded RGB uint8 [3, H, W] of item ``i``.
+
+        Raises:
+            DecodeError: naming the file when it is missing, truncated, corrupt or outside the root.
+        """
+        try:
+            data = self.read_bytes(i)
+        except OSError as err:
+            raise DecodeError(self.path_of(i), f"{type(err).__name__}: {err}", self.items[i].relpath) from err
+        return decode_image(data, self.path_of(i), self.items[i].relpath)
+
+    def subset(self, indices: Iterable[int]) -> "ImageSource":
+        """A source holding ``items[i] for i in indices`` (shares this process's wds index)."""
+        out = ImageSource(self.kind, self.root, self.classes, [self.items[i] for i in indices])
+        out._index = self._index
+        return out
+
+    def _resolve_inside(self, relpath: str) -> str:
+        """The real path of a folder item, refused when a symlink takes it out of the root (checked at every load:
+        links may change after discovery or in a manifest's tree)."""
+        path = os.path.join(self.root, safe_relpath(relpath))
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if not within(real, root):
+            raise DecodeError(path, f"it resolves to {real}, outside the data root {root} (featcache reads only "
+                              "files under the root)", relpath)
+        return real
+
+    def _member_index(self, shard: str) -> dict[str, tuple[int, int]]:
+        if shard not in self._index:
+            self._index[shard] = index_shard(os.path.join(self.root, shard))
+        return self._index[shard]
