@@ -104,3 +104,45 @@ def test_student_and_task_are_seeded_and_wired(manifest):
 
 def test_no_eval_loader_without_val(manifest):
     assert build.build_eval_loader(TrainConfig(cache="c"), manifest, 32) is None
+
+
+def _v01_lr_factor(cfg: TrainConfig, batches_per_epoch: int, num_processes: int):
+    """The per-step LambdaLR factor featcache used before its schedules came from timm (copied verbatim)."""
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps * num_processes)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    floor = min(cfg.min_lr / cfg.lr, 1.0) if cfg.lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor, total
+
+
+DEFAULT_SCHEDULES = [dict(), dict(warmup_epochs=1), dict(warmup_epochs=0.5, epochs=3), dict(warmup_epochs=2.6),
+                     dict(max_steps=5), dict(max_steps=5, warmup_epochs=1), dict(grad_accum=3, warmup_epochs=1),
+                     dict(min_lr=5e-3), dict(min_lr=0.0, warmup_epochs=30), dict(epochs=1, warmup_epochs=1)]
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+@pytest.mark.parametrize("overrides", DEFAULT_SCHEDULES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_default_schedule_gives_the_same_learning_rate_every_step_as_before(overrides, num_processes):
+    """AdamW + cosine (+ warmup) from timm's factories: every step's rate equals the v0.1 LambdaLR's."""
+    cfg = TrainConfig(**{"cache": "x", "lr": 2e-3, "min_lr": 1e-5, "epochs": 4, **overrides})
+    batches = 7
+    task = DistillTask(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, ce_weight=1.0)
+    opt = build.build_optimizer(cfg, task, num_processes=num_processes)
+    sched = build.build_scheduler(cfg, opt, batches_per_epoch=batches, num_processes=num_processes)
+    factor, total = _v01_lr_factor(cfg, batches, num_processes)
+    got = []
+    for _ in range(total + 3):
+        got.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    want = [[cfg.lr * factor(step)] * len(opt.param_groups) for step in range(total + 3)]
+    assert got == [pytest.approx(w, rel=1e-12, abs=1e-18) for w in want]
