@@ -1,13 +1,14 @@
 """Float precision on disk (``storage["dtype"]``, the ``--dtype`` value), applied to every float array of a cache.
 
-``fp32`` and ``fp16`` are stored as those numpy dtypes. numpy has no bfloat16, so ``bf16`` is stored as the raw
-upper 16 bits of the float32 in ``uint16`` (rounded to nearest even, as torch rounds), which numpy, zarr and h5py
-all read; decoding shifts the bits back into float32.
+``fp32`` and ``fp16`` are stored as those numpy dtypes. numpy has no bfloat16, so ``bf16`` is stored as the raw bits
+of torch's ``bfloat16`` in ``uint16`` (numpy, zarr and h5py all read it). Both directions go through torch's own
+conversion, so a cache holds exactly the bits ``tensor.bfloat16()`` gives: round to nearest even for every number
+(the bytes earlier featcache versions wrote by hand) and torch's NaN for every NaN, never a NaN turned into a number.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -36,15 +37,30 @@ def storage_dtype(dtype: str) -> str:
 
 
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit pattern (uint16), rounding to nearest even like torch does."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    return ((bits + rounding) >> 16).astype(np.uint16)
+    """float32 -> the bits (uint16) of torch's ``bfloat16`` conversion, shape kept."""
+    import torch
+
+    shape = np.shape(x)  # np.ascontiguousarray makes a 0-d array 1-d
+    # Flattened first: torch converts 0-d tensors on another path, which writes NaN with other bits.
+    flat = _from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1)).to(torch.bfloat16)
+    return flat.view(torch.int16).numpy().view(np.uint16).reshape(shape)
 
 
 def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32, exactly."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    """bfloat16 bit patterns (uint16) -> float32 by torch's conversion (exact: bf16 is float32's upper half)."""
+    import torch
+
+    shape = np.shape(bits)
+    flat = _from_numpy(np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1).view(np.int16))
+    return flat.view(torch.bfloat16).float().numpy().reshape(shape)
+
+
+def _from_numpy(x: np.ndarray) -> Any:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only pread/mmap buffers: only read here
+        return torch.from_numpy(x)
 
 
 def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -65,11 +81,7 @@ def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 def _half_to_float(x: np.ndarray) -> np.ndarray:
     """float16 -> float32, bit-identical to numpy's cast but ~8x faster on CPU (421 vs 54 us for one
     deit3_small view's targets): this runs for every training item of an fp16 cache."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only pread/mmap buffers: only read here
-        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+    return _from_numpy(np.ascontiguousarray(x)).float().numpy()
 
 
 def rounding_floor(dtype: str) -> float:
