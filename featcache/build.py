@@ -18,7 +18,7 @@ from .errors import CompatError, ConfigError
 from .manifest import Manifest, block_index
 from .methods import MethodContext
 from .methods.task import DistillTask, MethodSpec, method_specs
-from .models import load_model
+from .models import load_model, resolve_name
 from .views import normalize
 
 def resolve_methods(cfg: TrainConfig, manifest: Manifest) -> list[MethodSpec]:
@@ -39,8 +39,12 @@ def required_targets(manifest: Manifest, specs: Sequence[MethodSpec]) -> list[st
 
 
 def student_spec(cfg: TrainConfig, manifest: Manifest, img_size: int) -> dict[str, Any]:
-    """The ``--student`` spec ``student.json`` records unless a method builds (and describes) its own student."""
-    return {"model": cfg.student, "img_size": img_size, "num_classes": _num_classes(cfg, manifest),
+    """The ``--student`` spec ``student.json`` records unless a method builds (and describes) its own student.
+
+    ``model`` is the real timm name behind an alias (``deit_tiny`` -> ``deit_tiny_patch16_224.fb_in1k``), which
+    ``timm.create_model`` takes without featcache.
+    """
+    return {"model": resolve_name(cfg.student), "img_size": img_size, "num_classes": _num_classes(cfg, manifest),
             "model_kwargs": dict(cfg.student_kwargs)}
 
 
@@ -56,8 +60,6 @@ def build_student(cfg: TrainConfig, manifest: Manifest, specs: Sequence[MethodSp
         raise ConfigError(f"methods {[n for n, _ in built]} each build their own student; combine at most one of them")
     if built:
         return built[0][1]
-    from .models import load_model
-
     return load_model(cfg.student, pretrained=cfg.pretrained, checkpoint=cfg.student_checkpoint, img_size=img_size,
                       num_classes=_num_classes(cfg, manifest), init_seed=cfg.seed, **cfg.student_kwargs)
 
@@ -76,40 +78,93 @@ def build_task(cfg: TrainConfig, manifest: Manifest, student: nn.Module, specs: 
                        label_smoothing=cfg.label_smoothing)
 
 
+#: ``--sched`` values: timm's schedules that step per optimizer update without a metric (``plateau`` needs one per
+#: epoch; ``wsd``/``rsqrt`` fit their warmup inside the schedule, unlike featcache's cosine).
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant")
+
+#: ``--sched-kwargs`` that count epochs; featcache schedules per optimizer step, so they are converted to steps.
+_EPOCH_KWARGS = ("decay_epochs", "decay_milestones")
+
+
 def build_optimizer(cfg: TrainConfig, task: DistillTask, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW without weight decay on 1-D params, biases and the student's ``no_weight_decay()`` (timm style)."""
-    from timm.optim import param_groups_weight_decay
+    """``--opt`` from ``timm.optim.create_optimizer_v2``; no weight decay on 1-D params, biases and the student's
+    ``no_weight_decay()`` (timm's ``param_groups_weight_decay``), ``--lr`` linearly scaled by ``--lr-base-batch``."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
     skip = getattr(task.student, "no_weight_decay", lambda: set())()
     groups = param_groups_weight_decay(task, cfg.weight_decay, no_weight_decay_list=[f"student.{n}" for n in skip])
     lr = cfg.lr
     if cfg.lr_base_batch:
         lr = cfg.lr * cfg.batch_size * cfg.grad_accum * num_processes / cfg.lr_base_batch
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    kwargs = {"weight_decay": cfg.weight_decay, "betas": tuple(cfg.betas), **cfg.opt_kwargs}
+    try:
+        return create_optimizer_v2(groups, opt=cfg.opt, lr=lr, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"--opt {cfg.opt!r} / --opt-kwargs {cfg.opt_kwargs}: {err}; list the optimizers with "
+                          "`python -c 'import timm.optim; print(timm.optim.list_optimizers())'`") from None
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, num_processes: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warmup over ``warmup_epochs``, then cosine from ``lr`` to ``min_lr``.
+                    ) -> "TimmScheduler":
+    """``--sched`` from ``timm.scheduler.create_scheduler_v2``: linear warmup over ``warmup_epochs``, then the schedule
+    from ``lr`` (to ``min_lr`` for the decaying ones) over the remaining steps.
 
     Counted in *global* optimizer steps (Accelerate steps a prepared scheduler once per process per step),
     from the loader length before ``prepare``, as in Accelerate's examples.
     """
+    from timm.scheduler import create_scheduler_v2
+
+    if cfg.sched not in SCHEDULES:
+        raise ConfigError(f"--sched {cfg.sched!r} is not one of {', '.join(SCHEDULES)}")
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps * num_processes)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     base_lr = optimizer.param_groups[0]["lr"]
-    floor = min(cfg.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+    kwargs = {"noise_seed": cfg.seed, **cfg.sched_kwargs}
+    for key in set(_EPOCH_KWARGS) & set(kwargs):
+        value = kwargs[key]
+        kwargs[key] = [v * steps_per_epoch for v in value] if isinstance(value, list) else value * steps_per_epoch
+    # One timm "epoch" is one optimizer step here (updates_per_epoch=1), so every length below is in steps.
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(total - warmup, 1),
+                                       warmup_epochs=warmup, warmup_lr=0.0, warmup_prefix=True,
+                                       min_lr=min(cfg.min_lr, base_lr), step_on_epochs=False, updates_per_epoch=1,
+                                       **kwargs)
+    return TimmScheduler(optimizer, scheduler, warmup)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+class TimmScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A timm scheduler stepped like a torch one, so that Accelerate prepares, steps and checkpoints it.
+
+    timm's schedulers are told the update count (``step_update(n)``); this one counts the global optimizer steps
+    (torch's ``last_epoch``) and asks timm for each step's rate. Step ``k < warmup`` runs at timm's warmup value of
+    update ``k + 1``, i.e. ``(k + 1) / warmup`` of the peak (no step at lr 0), and the schedule proper starts at the
+    peak on step ``warmup``: the rates featcache's own warmup + cosine gave before it used timm's factories.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, warmup_steps: int):
+        self.timm_scheduler = scheduler
+        self.warmup_steps = int(warmup_steps)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        self.timm_scheduler.step_update(step + 1 if step < self.warmup_steps else step)
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state without the timm object (stateless: it is rebuilt from the config and the step count)."""
+        return {k: v for k, v in super().state_dict().items() if k != "timm_scheduler"}
+
+
+def build_ema(cfg: TrainConfig, student: nn.Module) -> nn.Module | None:
+    """``--model-ema``: timm's ``ModelEmaV3`` of the student (on its device), else ``None``."""
+    if not cfg.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(student, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
 
 
 def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -133,15 +188,22 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tupl
     return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
 
 
-def build_eval_loader(cfg: TrainConfig, manifest: Manifest, img_size: int) -> DataLoader | None:
-    """``--val`` as resize + centre-crop views with the cache's interpolation; ``None`` without ``--val``."""
+def build_eval_loader(cfg: TrainConfig, manifest: Manifest, img_size: int, data_config: dict[str, Any]
+                      ) -> DataLoader | None:
+    """``--val`` as timm's evaluation transform at the cache's ``img_size``: resize to ``img_size / crop_pct`` and
+    centre-crop, with the ``crop_pct`` and interpolation of the student's timm data config
+    (:func:`featcache.models.normalization`); ``None`` without ``--val``."""
     if not cfg.val:
         return None
     from .datasets import EvalDataset
     from .sources import open_source
 
-    interpolation = manifest.get("normalization", {}).get("interpolation", "bicubic")
-    dataset = EvalDataset(open_source(cfg.val), img_size, manifest["data"]["classes"], interpolation=interpolation)
+    if data_config.get("crop_mode", "center") != "center":
+        raise ConfigError(f"the student's timm data config asks for crop_mode={data_config['crop_mode']!r}; --val "
+                          "evaluates with centre crops only: use a student whose pretrained_cfg has crop_mode "
+                          "'center', or evaluate the exported student with timm's own transforms")
+    dataset = EvalDataset(open_source(cfg.val), img_size, manifest["data"]["classes"],
+                          crop_pct=data_config["crop_pct"], interpolation=data_config["interpolation"])
     return DataLoader(dataset, shuffle=False, **_loader_kwargs(cfg))
 
 

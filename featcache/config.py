@@ -122,18 +122,32 @@ class TrainConfig:
     img_size: int | None = setting(None, "Student input size; must equal the cache's [the cache's].")
     num_classes: int | None = setting(None, "Student classifier size [the teacher's].")
     data: str | None = setting(None, "Where the source images live now [the root recorded in the cache].")
-    val: str | None = setting(None, "Held-out ImageFolder for top-1/top-5 after each epoch (resize + crop).")
+    val: str | None = setting(None, "Held-out ImageFolder for top-1/top-5 after each epoch (resize + centre crop by "
+                                    "the student's timm data config: crop_pct, interpolation, mean/std).")
     epochs: int = setting(10, "Epochs over the cached samples.")
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.")
     batch_size: int = setting(64, "Views per batch and process.")
     grad_accum: int = setting(1, "Gradient accumulation steps.")
-    lr: float = setting(1e-3, "Peak learning rate (AdamW).")
+    opt: str = setting("adamw", "Optimizer: any name of timm.optim.list_optimizers() (adamw, sgd, lamb, lion, ...), "
+                                "built by timm.optim.create_optimizer_v2.")
+    opt_kwargs: dict[str, Any] = setting({}, 'Extra create_optimizer_v2 kwargs as JSON, e.g. \'{"momentum": 0.9, '
+                                             '"eps": 1e-6}\'.')
+    lr: float = setting(1e-3, "Peak learning rate.")
     # lr is scaled by batch_size * grad_accum * processes / lr_base_batch (the linear scaling rule)
     lr_base_batch: int | None = setting(None, "Scale --lr by effective batch / this [no scaling].")
-    min_lr: float = setting(1e-5, "Final learning rate of the cosine.")
-    weight_decay: float = setting(0.05, "AdamW weight decay (not on 1-D).")
-    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.")
+    sched: str = setting("cosine", "Learning-rate schedule of timm.scheduler.create_scheduler_v2, stepped per "
+                                   "optimizer step.", choices="featcache.build:SCHEDULES")
+    sched_kwargs: dict[str, Any] = setting({}, 'Extra create_scheduler_v2 kwargs as JSON, epoch counts in epochs, '
+                                               'e.g. \'{"decay_epochs": 2, "decay_rate": 0.5}\'.')
+    min_lr: float = setting(1e-5, "Final learning rate of the cosine (and the other decaying schedules).")
+    weight_decay: float = setting(0.05, "Weight decay (not on 1-D parameters nor the student's no_weight_decay()).")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Betas of Adam-like optimizers (ignored by the others).")
     warmup_epochs: float = setting(0.0, "Linear warmup length (per step).")
+    model_ema: bool = setting(False, "Keep timm's ModelEmaV3 of the student: evaluated after each epoch and exported "
+                                     "as student_ema/.", toggle=True)
+    model_ema_decay: float = setting(0.9998, "EMA decay per optimizer step.")
+    model_ema_warmup: bool = setting(False, "Ramp the EMA decay up over the first steps (timm's use_warmup).",
+                                     toggle=True)
     grad_clip: float | None = setting(5.0, "Max gradient norm (0: off).", none_if=0)
     label_smoothing: float = setting(0.1, "Of the label cross-entropy.")
     ce_weight: float | None = setting(None, "Label CE weight [the methods' default].")  # label-free methods: 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,8 +29,8 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from . import rundir
-from .build import (OnlineTargets, build_eval_loader, build_optimizer, build_scheduler, build_student, build_task,
-                    build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
+from .build import (OnlineTargets, build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student,
+                    build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
 from .config import TrainConfig, load_yaml, to_dict
 from .errors import ConfigError, RunExistsError
 from .methods.task import DistillTask
@@ -50,6 +50,7 @@ class RunState:
     batches_done: int = 0  # micro-batches of ``epoch`` consumed by this process
     step: int = 0  # optimizer steps
     best_top1: float | None = None
+    best_epoch: int | None = None
     last_eval: dict[str, float] | None = None
     train_time_s: float = 0.0
     images_seen: int = 0
@@ -75,6 +76,8 @@ class Run:
     log: "MetricsLog"
     costs: list[str]
     student_spec: dict[str, Any]
+    data_config: dict[str, Any] = field(default_factory=dict)  # the student's timm data config
+    ema: Any = None  # --model-ema: timm's ModelEmaV3 of the student
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -128,21 +131,23 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     cfg = dataclasses.replace(cfg, img_size=img_size, ce_weight=resolve_ce_weight(cfg, specs))
     if cfg.resume:
         check_same_run(out, cfg)  # every process, before the main one rewrites the file
-    task = build_task(cfg, manifest, build_student(cfg, manifest, specs, img_size), specs, img_size)
+    student = build_student(cfg, manifest, specs, img_size)
+    data_cfg = normalization(student)  # the student's own, as timm would use
+    task = build_task(cfg, manifest, student, specs, img_size)
     needed = required_targets(manifest, specs)
     dataset, sampler, train_loader = build_train_loader(cfg, reader, needed)
-    eval_loader = build_eval_loader(cfg, manifest, img_size)
+    eval_loader = build_eval_loader(cfg, manifest, img_size, data_cfg)
     optimizer = build_optimizer(cfg, task, accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), accelerator.num_processes)
     prepared = accelerator.prepare(task, optimizer, train_loader, eval_loader, scheduler)
     task, optimizer, train_loader, eval_loader, scheduler = prepared
     targets_fn = OnlineTargets(manifest, needed, accelerator.device) if cfg.online_teacher else None
-    data_cfg = normalization(accelerator.unwrap_model(task).student)  # the student's own, as timm would use
+    ema = build_ema(cfg, accelerator.unwrap_model(task).student)  # after prepare: on the student's device
     _write_config(accelerator, out, cfg)
     costs = _costs(cfg, task, accelerator)
     return Run(cfg, out, accelerator, task, optimizer, scheduler, train_loader, eval_loader, dataset, sampler,
                data_cfg["mean"], data_cfg["std"], targets_fn, MetricsLog(out, accelerator), costs,
-               student_spec(cfg, manifest, img_size))
+               student_spec(cfg, manifest, img_size), data_cfg, ema)
 
 
 def _write_config(accelerator: Accelerator, out: Path, cfg: TrainConfig) -> None:
@@ -222,6 +227,8 @@ def _reached_max_steps(run: Run, state: RunState) -> bool:
 def after_step(run: Run, state: RunState, meter: "Meter") -> None:
     """Log every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps inside an epoch."""
     cfg = run.cfg
+    if run.ema is not None:
+        run.ema.update(run.accelerator.unwrap_model(run.task).student, step=state.step)
     state.images_seen += meter.pending_images()
     if state.step % max(cfg.log_every, 1) == 0:
         log_train(run, state, meter)
@@ -241,17 +248,26 @@ def end_epoch(run: Run, state: RunState, epoch: int) -> None:
     if run.eval_loader is not None:
         metrics = evaluate(run)
         state.last_eval = metrics
-        state.best_top1 = max(metrics["top1"], state.best_top1 if state.best_top1 is not None else -1.0)
+        if state.best_top1 is None or metrics["top1"] > state.best_top1:
+            state.best_top1, state.best_epoch = metrics["top1"], epoch
+            save_best(run)
         run.log.write({"kind": "eval", "epoch": epoch, "step": state.step, **metrics})
     state.epoch, state.batches_done = epoch + 1, 0
     save_checkpoint(run, state)
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Top-1/top-5 (%) of the student on the held-out set, gathered over processes."""
+    """Top-1/top-5 (%) of the student (and ``ema_top1``/``ema_top5`` of its EMA) on the held-out set."""
+    metrics = evaluate_model(run, run.accelerator.unwrap_model(run.task).student)
+    if run.ema is not None:
+        metrics.update({f"ema_{k}": v for k, v in evaluate_model(run, run.ema.module).items()})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_model(run: Run, model: torch.nn.Module) -> dict[str, float]:
+    """Top-1/top-5 (%) of ``model`` on the held-out set, gathered over processes."""
     acc = run.accelerator
-    model = acc.unwrap_model(run.task).student
     model.eval()
     hits1 = hits5 = total = 0
     for batch in run.eval_loader:
@@ -335,6 +351,8 @@ def save_checkpoint(run: Run, state: RunState) -> Path:
     path = rundir.checkpoint_dir(run.out, state.step)
     run.accelerator.save_state(str(path))
     if run.accelerator.is_main_process:
+        if run.ema is not None:  # safetensors, not register_for_checkpointing: Accelerate unpickles custom state
+            rundir.write_checkpoint_ema(path, run.ema.module.state_dict())
         rundir.write_checkpoint_state(path, dataclasses.asdict(state))
         for old in rundir.complete_checkpoints(run.out)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -350,6 +368,8 @@ def restore(run: Run) -> RunState:
                               "starting fresh")
         return RunState()
     run.accelerator.load_state(str(latest))
+    if run.ema is not None:
+        run.ema.module.load_state_dict(rundir.read_checkpoint_ema(latest))
     state = RunState(**rundir.read_checkpoint_state(latest))
     run.log.truncate(state.step)  # drop records the killed run wrote after this checkpoint
     run.accelerator.print(f"[featcache] resumed from {latest} (epoch {state.epoch}, step {state.step})")
@@ -367,24 +387,45 @@ def finish(run: Run, state: RunState) -> dict[str, Any]:
               "best_top1": state.best_top1, "train_time_s": state.train_time_s,
               "images_per_s": state.images_seen / state.train_time_s if state.train_time_s else None,
               "steps": state.step, "method": run.cfg.method, "method_args": run.cfg.method_args,
-              "student": run.cfg.student, "online_teacher_cost": run.costs}
+              "student": run.cfg.student, "online_teacher_cost": run.costs, "best_epoch": state.best_epoch}
+    if run.ema is not None:
+        result.update({k: (state.last_eval or {}).get(k) for k in ("ema_top1", "ema_top5")})
     if acc.is_main_process:
-        spec = export_student(acc.unwrap_model(run.task), run.out, run.student_spec, run.mean, run.std)
+        task = acc.unwrap_model(run.task)
+        spec = export_student(task, run.out, run.student_spec, run.data_config)
         result["student"] = spec["model"]  # a method may build the student (e.g. WeCoLoRA: the cut teacher)
+        if run.ema is not None:
+            img_size = int(spec["img_size"])
+            rundir.write_timm_model(run.out / rundir.STUDENT_EMA_DIR, plain_student(task, run.ema.module),
+                                    run.data_config, img_size)
         rundir.write_metrics_csv(run.out)
         rundir.write_final(run.out, result)
     acc.end_training()
     return result
 
 
-def export_student(task: DistillTask, out: Path, spec: dict[str, Any], mean: list[float], std: list[float]
+def export_student(task: DistillTask, out: Path, spec: dict[str, Any], data_config: dict[str, Any]
                    ) -> dict[str, Any]:
-    """Save the plain timm student (each method's ``export_student`` applied in turn) + ``student.json``.
+    """Save the plain timm student (:func:`plain_student`) in timm's format + ``student.json`` (see rundir).
 
     A method that changes the architecture (WeCoLoRA) sets ``featcache_spec`` on the model it returns
     (``{"model", "img_size", "num_classes", "model_kwargs"}``); otherwise the run's ``--student`` spec holds.
     """
-    student = task.student
+    student = plain_student(task)
+    spec = dict(getattr(student, "featcache_spec", None) or spec)
+    return rundir.write_student(out, student, spec, data_config["mean"], data_config["std"], data_config)
+
+
+def plain_student(task: DistillTask, student: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``student`` (default: the task's) with each method's ``export_student`` applied in turn (e.g. LoRA merged)."""
+    student = task.student if student is None else student
     for method in task.methods.values():
         student = method.export_student(student)
-    return rundir.write_student(out, student, dict(getattr(student, "featcache_spec", None) or spec), mean, std)
+    return student
+
+
+def save_best(run: Run) -> None:
+    """Export the student of the best top-1 so far to ``student_best/`` (next to the last, ``student/``)."""
+    if run.accelerator.is_main_process:
+        student = plain_student(run.accelerator.unwrap_model(run.task))
+        rundir.write_timm_model(run.out / rundir.STUDENT_BEST_DIR, student, run.data_config, run.cfg.img_size)

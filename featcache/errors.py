@@ -50,6 +50,10 @@ class MissingFileError(FeatcacheError, FileNotFoundError):
     """A file the user named (checkpoint, data root, recipe) does not exist."""
 
 
+class WeightsUnavailableError(FeatcacheError, FileNotFoundError):
+    """Pretrained weights are neither in the local hub cache nor downloadable; the message names the offline ways."""
+
+
 class RunExistsError(FeatcacheError, FileExistsError):
     """A run directory already holds a run that was not asked to be resumed."""
 
@@ -101,5 +105,6 @@ class SweepError(FeatcacheError, RuntimeError):
 #: Kept for code written against v0.1, where the decode error had this name.
 ImageDecodeError = DecodeError
 
-__all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "RunExistsError", "CacheError",
-           "CompatError", "DecodeError", "ImageDecodeError", "ReplayDriftError", "SourceError", "SweepError"]
+__all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "WeightsUnavailableError",
+           "RunExistsError", "CacheError", "CompatError", "DecodeError", "ImageDecodeError", "ReplayDriftError",
+           "SourceError", "SweepError"]

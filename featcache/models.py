@@ -7,15 +7,20 @@ contract), and :func:`forward_taps`, the one call to ``forward_intermediates`` t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import socket
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, NamedTuple, Sequence
 
 import timm
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, MissingFileError
+from .errors import ConfigError, MissingFileError, WeightsUnavailableError
 
 #: Short names -> the real timm ``architecture.tag`` behind each, as used by the source papers.
 MODEL_ALIASES: dict[str, str] = {
@@ -33,6 +38,13 @@ MODEL_ALIASES: dict[str, str] = {
     "resnet50": "resnet50.a1_in1k",  # ScaleKD student
 }
 
+#: timm's model sources (``timm.models.parse_model_name``): what follows is a Hub repo id or a folder written by
+#: ``timm.models.save_for_hf`` (a run's ``student/``), passed to ``timm.create_model`` unchanged.
+MODEL_SOURCES = ("hf-hub:", "local-dir:")
+
+#: Seconds to wait for the hub (or the proxy in front of it) to accept a connection before giving up on downloads.
+HUB_CONNECT_TIMEOUT_S = 3.0
+
 #: Seed of the weight init of models built without pretrained weights or a checkpoint.
 RANDOM_INIT_SEED = 0
 
@@ -45,6 +57,16 @@ def resolve_name(name: str) -> str:
     return MODEL_ALIASES.get(name, name)
 
 
+def architecture_and_tag(model: nn.Module, full: str) -> tuple[str, str | None]:
+    """timm's architecture and pretrained tag of ``model``, created as ``full``: read from the name
+    (``architecture.tag``), or from the model's pretrained config for ``hf-hub:``/``local-dir:`` names."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if full.startswith(MODEL_SOURCES):
+        return str(cfg.get("architecture") or type(model).__name__), cfg.get("tag")
+    arch, _, tag = full.partition(".")
+    return arch, tag or cfg.get("tag")
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch."""
     if device == "auto":
@@ -53,10 +75,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def normalization(model: nn.Module) -> dict[str, Any]:
-    """The model's input normalisation from its (pretrained) timm config: mean, std, interpolation, input side."""
+    """The model's timm data config (``resolve_model_data_config``): mean, std, interpolation, ``crop_pct``,
+    ``crop_mode`` and input side; what timm's own evaluation transform of the model uses."""
     cfg = timm.data.resolve_model_data_config(model)
     return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
-            "interpolation": str(cfg.get("interpolation", "bicubic")), "input_size": int(cfg["input_size"][-1])}
+            "interpolation": str(cfg.get("interpolation", "bicubic")), "input_size": int(cfg["input_size"][-1]),
+            "crop_pct": float(cfg.get("crop_pct", 0.875)), "crop_mode": str(cfg.get("crop_mode", "center"))}
 
 
 def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None, img_size: int | None = None,
@@ -64,8 +88,11 @@ def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None
     """Create any timm model by alias or name (teachers and students alike).
 
     Args:
-        name: alias (see ``MODEL_ALIASES``) or timm name, optionally with a ``.tag``.
-        pretrained: load timm's pretrained weights (works offline from a local hub cache).
+        name: alias (see ``MODEL_ALIASES``), timm name optionally with a ``.tag``, or a timm source name
+            (``hf-hub:org/repo``, ``local-dir:PATH``, see :data:`MODEL_SOURCES`).
+        pretrained: load timm's pretrained weights: from the local hub cache without touching the network, else
+            downloaded; raises :class:`~featcache.errors.WeightsUnavailableError` within seconds when the hub is
+            unreachable.
         checkpoint: a local ``.safetensors`` file or torch state dict, loaded with ``weights_only=True``.
         img_size: timm's ``img_size`` override (ViTs resample their position embedding).
         num_classes: classifier size override.
@@ -87,13 +114,44 @@ def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None
 
 def _check_known(name: str, full: str) -> None:
     """Refuse a name timm has neither a model nor a pretrained config for, naming how to find candidates."""
+    if full.startswith(MODEL_SOURCES):
+        return _check_source(full)
     arch = full.split(".")[0]
     if timm.get_pretrained_cfg(arch) is None and not timm.is_model(arch):
         raise ConfigError(f"unknown timm model {name!r}; list candidates with `timm.list_models('*{name}*')` or "
                           f"`featcache teachers`")
 
 
+def _check_source(full: str) -> None:
+    """A ``local-dir:`` folder must hold timm's ``config.json`` (``hf-hub:`` ids are checked by the hub)."""
+    source, _, where = full.partition(":")
+    if source == "local-dir" and not (Path(where) / "config.json").is_file():
+        raise MissingFileError(f"{full!r}: {where!r} has no config.json; a local-dir: model is a folder written by "
+                               "timm.models.save_for_hf, e.g. the student/ folder of a featcache run")
+
+
 def _create(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``, with files from the hub cache first and a fast, named failure offline.
+
+    An ``hf-hub:`` name needs the hub even without pretrained weights: its ``config.json`` names the architecture.
+    """
+    if full.startswith("local-dir:") or not (pretrained or full.startswith("hf-hub:")):
+        return _create_timm(full, pretrained, kwargs)
+    with _hub_offline():  # HF_HUB_OFFLINE semantics: the cache answers, or the hub is never asked
+        try:
+            return _create_timm(full, pretrained, kwargs)
+        except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, urllib's URLError
+            missing = err
+    why = "HF_HUB_OFFLINE is set" if _offline_env() else _hub_unreachable()
+    if why is None:
+        try:
+            return _create_timm(full, pretrained, kwargs)
+        except OSError as err:
+            missing, why = err, "the download failed"
+    raise WeightsUnavailableError(_offline_hint(full, why, missing)) from missing
+
+
+def _create_timm(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model``, retried without ``img_size`` for models that do not take it (CNNs)."""
     try:
         return timm.create_model(full, pretrained=pretrained, **kwargs)
@@ -102,6 +160,50 @@ def _create(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
             raise
         kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
         return timm.create_model(full, pretrained=pretrained, **kwargs)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """``HF_HUB_OFFLINE=1`` for the block: huggingface_hub reads the flag on every request, so files come from the
+    local cache and a miss fails at once instead of after its retries (~50 s against an unreachable endpoint)."""
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable() -> str | None:
+    """``None`` when the hub's endpoint (or the proxy for it) accepts a TCP connection, else why not."""
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    target = urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else url
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{'the proxy for ' if proxy else ''}{constants.ENDPOINT} is unreachable ({err})"
+    return None
+
+
+def _offline_hint(full: str, why: str, err: Exception) -> str:
+    from huggingface_hub import constants
+
+    what = "the config and weights" if full.startswith("hf-hub:") else "the pretrained weights"
+    return (f"cannot load {what} of {full!r}: they are not in the local hub cache "
+            f"({constants.HF_HUB_CACHE}) and {why} [{type(err).__name__}]. Without a network: pass --checkpoint PATH "
+            "(--student-checkpoint PATH for a student) with a local .safetensors or state dict; or --no-pretrained "
+            f"for a seeded random init; or fill the offline hub cache on a machine with a network (`python -c "
+            f"\"import timm; timm.create_model('{full}', pretrained=True)\"`), copy its HF_HOME here and set "
+            "HF_HOME (and HF_HUB_OFFLINE=1)")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -207,6 +309,6 @@ def forward_taps(model: nn.Module, images: torch.Tensor, layers: Sequence[int]) 
     return Taps(final, [torch.cat([f[1], f[0]], dim=1) if isinstance(f, tuple) else f for f in inter])
 
 
-__all__ = ["MODEL_ALIASES", "RANDOM_INIT_SEED", "Taps", "count_blocks", "forward_taps", "load_model",
-           "load_state_dict", "normalization", "resolve_device", "resolve_layer", "resolve_layers", "resolve_name",
-           "weights_sha256"]
+__all__ = ["HUB_CONNECT_TIMEOUT_S", "MODEL_ALIASES", "MODEL_SOURCES", "RANDOM_INIT_SEED", "Taps",
+           "architecture_and_tag", "count_blocks", "forward_taps", "load_model", "load_state_dict", "normalization",
+           "resolve_device", "resolve_layer", "resolve_layers", "resolve_name", "weights_sha256"]

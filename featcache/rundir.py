@@ -5,9 +5,14 @@ A training run (``featcache train --out DIR``, or one run of a sweep) owns one d
     config.yaml                 the resolved TrainConfig (image size and CE weight filled in)
     metrics.jsonl / .csv        one JSON record per line: ``{"kind": "train" | "eval", "epoch", "step", ...}``
     tensorboard/                Accelerate's tracker
-    checkpoints/step_{n:08d}/   Accelerate state + featcache_state.json, written last: its presence = complete
-    student.safetensors         the exported timm student ...
-    student.json                ... and what rebuilds it (timm name, kwargs, image size, classes, mean/std)
+    checkpoints/step_{n:08d}/   Accelerate state (+ model_ema.safetensors) + featcache_state.json, written last:
+                                its presence = complete
+    student/                    the exported student in timm's own format (model.safetensors + config.json):
+                                ``timm.create_model("local-dir:DIR/student", pretrained=True)`` loads it
+    student.safetensors         the same weights (a hard link) ...
+    student.json                ... and what rebuilds them (real timm name, kwargs, image size, classes, mean/std)
+    student_ema/                (``--model-ema``) the EMA of the student, in timm's format
+    student_best/               (``--val``) the student of the epoch with the best top-1, in timm's format
     final.json                  the result, written last: its presence = the run is done
     sweep_run.yaml              (sweeps) the config the sweep asked for, before the engine resolved it
     probe.json                  (``featcache probe``) the linear-probe result
@@ -19,8 +24,12 @@ leaves at worst a torn last metrics line, which every reader here skips.
 """
 from __future__ import annotations
 
+import copy
 import csv
+import itertools
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
@@ -35,8 +44,14 @@ METRICS_CSV = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "featcache_state.json"
+CHECKPOINT_EMA = "model_ema.safetensors"
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_SPEC = "student.json"
+STUDENT_DIR = "student"
+STUDENT_EMA_DIR = "student_ema"
+STUDENT_BEST_DIR = "student_best"
+TIMM_WEIGHTS = "model.safetensors"  # the file names timm's save_for_hf writes and local-dir: reads
+TIMM_CONFIG = "config.json"
 FINAL_FILE = "final.json"
 SWEEP_CONFIG = "sweep_run.yaml"
 PROBE_FILE = "probe.json"
@@ -57,7 +72,8 @@ NEUTRAL_KEYS = ("resume", "workers", "log_every", "data", "checkpoint_every")
 #: but left nothing to resume (killed before its first checkpoint); ``new``: no run file yet.
 RunStatus = Literal["done", "partial", "failed", "new"]
 
-#: Keys of ``student.json``; ``featcache.models.load_model(model, img_size=..., num_classes=..., **model_kwargs)``
+#: Keys of ``student.json``; ``model`` is the real timm name (``architecture.tag``, never a featcache alias), so
+#: ``timm.create_model(model, img_size=..., num_classes=..., **model_kwargs)`` (or featcache's ``load_model``)
 #: rebuilds the student, ``mean``/``std`` are the normalisation it was trained with. The engine writes them all;
 #: a reader needs :data:`STUDENT_REQUIRED` (hand-written specs may leave the rest to the model's defaults).
 STUDENT_KEYS = ("model", "img_size", "num_classes", "model_kwargs", "mean", "std")
@@ -218,6 +234,28 @@ def read_checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / CHECKPOINT_STATE).read_text())
 
 
+def write_checkpoint_ema(checkpoint: str | Path, state: Mapping[str, Any]) -> None:
+    """The ``--model-ema`` weights beside Accelerate's state (safetensors: nothing is unpickled on resume)."""
+    from safetensors.torch import save_file
+
+    save_file(_cpu_tensors(state), str(Path(checkpoint) / CHECKPOINT_EMA))
+
+
+def read_checkpoint_ema(checkpoint: str | Path) -> dict[str, Any]:
+    """What :func:`write_checkpoint_ema` wrote.
+
+    Raises:
+        MissingFileError: the checkpoint was written without ``--model-ema``.
+    """
+    path = Path(checkpoint) / CHECKPOINT_EMA
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {str(checkpoint)!r} has no {CHECKPOINT_EMA}: it was written without "
+                               "--model-ema; resume without it or train into a new --out")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 # ------------------------------------------------------------------------------------------------ result
 
 
@@ -236,26 +274,75 @@ def read_final(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_student(run_dir: str | Path, model: Any, spec: Mapping[str, Any], mean: Iterable[float],
-                  std: Iterable[float]) -> dict[str, Any]:
-    """Save ``student.safetensors`` (the plain state dict) and ``student.json`` (``spec`` + mean/std).
+                  std: Iterable[float], data_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Save the exported student: ``student/`` in timm's format, ``student.safetensors`` and ``student.json``.
 
     Args:
         run_dir: the run directory.
-        model: the exported ``nn.Module``.
+        model: the exported ``nn.Module`` (a timm model gets ``student/``; any other module only the two files).
         spec: ``{"model", "img_size", "num_classes", "model_kwargs"}``.
         mean: the normalisation the student was trained with.
         std: see ``mean``.
+        data_config: the rest of the student's timm data config (``interpolation``, ``crop_pct``, ``crop_mode``)
+            that ``student/config.json`` records for timm's evaluation transform.
 
     Returns:
         The ``student.json`` content.
     """
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(Path(run_dir) / STUDENT_WEIGHTS), metadata={"model": str(spec["model"])})
+    run_dir = Path(run_dir)
     content = {**spec, "mean": list(mean), "std": list(std)}
-    (Path(run_dir) / STUDENT_SPEC).write_text(json.dumps(content, indent=1))
+    if is_timm_model(model):
+        timm_config = {**(data_config or {}), "mean": content["mean"], "std": content["std"]}
+        folder = write_timm_model(run_dir / STUDENT_DIR, model, timm_config, int(spec["img_size"]))
+        _link_or_copy(folder / TIMM_WEIGHTS, run_dir / STUDENT_WEIGHTS)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(_cpu_tensors(model.state_dict()), str(run_dir / STUDENT_WEIGHTS),
+                  metadata={"model": str(spec["model"])})
+    (run_dir / STUDENT_SPEC).write_text(json.dumps(content, indent=1))
     return content
+
+
+def is_timm_model(model: Any) -> bool:
+    """True for a model timm created (it carries the ``pretrained_cfg`` that timm's export records)."""
+    return isinstance(getattr(model, "pretrained_cfg", None), Mapping) and "architecture" in model.pretrained_cfg
+
+
+def write_timm_model(folder: str | Path, model: Any, data_config: Mapping[str, Any], img_size: int) -> Path:
+    """``timm.models.save_for_hf``: ``model.safetensors`` + ``config.json`` (architecture, ``model_args`` and the
+    data config at ``img_size``), the folder plain timm loads with ``create_model("local-dir:FOLDER",
+    pretrained=True)``."""
+    from timm.models import save_for_hf
+
+    keys = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+    config = {**{k: data_config[k] for k in keys if k in data_config}, "input_size": (3, img_size, img_size)}
+    save_for_hf(_cpu_contiguous(model), str(folder), safe_serialization=True, data_config=config)
+    return Path(folder)
+
+
+def _cpu_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _cpu_contiguous(model: Any) -> Any:
+    """``model`` itself when its state is on the CPU and contiguous (what safetensors saves), else such a copy."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return model
+    model = copy.deepcopy(model).cpu()
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        t.data = t.data.contiguous()
+    return model
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no second copy on disk), or a copy where the filesystem has no links."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def read_student(run_dir: str | Path) -> dict[str, Any]:

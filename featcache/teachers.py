@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from .errors import CompatError
 from .manifest import block_name
-from .models import count_blocks, forward_taps, load_model, normalization, resolve_name, weights_sha256
+from .models import (architecture_and_tag, count_blocks, forward_taps, load_model, normalization, resolve_name,
+                     weights_sha256)
 
 
 @dataclass
@@ -51,9 +52,9 @@ class Teacher:
         """The ``teacher`` section of the manifest (identity, token layout, final-norm parameters)."""
         m = self.model
         grid = getattr(getattr(m, "patch_embed", None), "grid_size", None)
-        tag = self.timm_name.split(".", 1)[1] if "." in self.timm_name else m.pretrained_cfg.get("tag")
+        architecture, tag = architecture_and_tag(m, self.timm_name)
         return {
-            "name": self.name, "timm_name": self.timm_name, "architecture": self.timm_name.split(".")[0],
+            "name": self.name, "timm_name": self.timm_name, "architecture": architecture,
             "pretrained_tag": tag, "pretrained": self.pretrained, "checkpoint": self.checkpoint,
             "weights_sha256": weights_sha256(m), "num_classes": int(m.num_classes),
             "embed_dim": int(getattr(m, "embed_dim", getattr(m, "num_features", 0))),

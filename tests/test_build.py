@@ -9,6 +9,7 @@ from featcache.testing.caches import STUDENT, make_cache
 
 from featcache import build, compat, models
 from featcache.config import TrainConfig
+from featcache.errors import ConfigError
 from featcache.methods import METHODS
 from featcache.methods.task import DistillTask, MethodSpec, split_method_args
 from featcache.stores import open_reader
@@ -86,7 +87,7 @@ def test_ce_weight_targets_and_student_spec(manifest):
     needed = build.required_targets(manifest, specs)
     assert needed == sorted(needed) and "logits" in needed and set(needed) <= set(manifest["targets"])
     spec = build.student_spec(cfg, manifest, 32)
-    assert spec == {"model": "deit_tiny", "img_size": 32, "num_classes": int(manifest["teacher"]["num_classes"]),
+    assert spec == {"model": "deit_tiny_patch16_224.fb_in1k", "img_size": 32, "num_classes": int(manifest["teacher"]["num_classes"]),
                     "model_kwargs": {"depth": 4}}
 
 
@@ -103,7 +104,7 @@ def test_student_and_task_are_seeded_and_wired(manifest):
 
 
 def test_no_eval_loader_without_val(manifest):
-    assert build.build_eval_loader(TrainConfig(cache="c"), manifest, 32) is None
+    assert build.build_eval_loader(TrainConfig(cache="c"), manifest, 32, {}) is None
 
 
 def _v01_lr_factor(cfg: TrainConfig, batches_per_epoch: int, num_processes: int):
@@ -146,3 +147,87 @@ def test_default_schedule_gives_the_same_learning_rate_every_step_as_before(over
         sched.step()
     want = [[cfg.lr * factor(step)] * len(opt.param_groups) for step in range(total + 3)]
     assert got == [pytest.approx(w, rel=1e-12, abs=1e-18) for w in want]
+
+
+def _lrs(cfg: TrainConfig, steps: int, batches: int = 4) -> list[float]:
+    opt = build.build_optimizer(cfg, DistillTask(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, ce_weight=1.0), 1)
+    sched = build.build_scheduler(cfg, opt, batches_per_epoch=batches, num_processes=1)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_opt_and_opt_kwargs_pick_timm_optimizers():
+    task = DistillTask(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, ce_weight=1.0)
+    adamw = build.build_optimizer(TrainConfig(cache="x", betas=(0.8, 0.9)), task, 1)
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["betas"] == (0.8, 0.9)
+    sgd = build.build_optimizer(TrainConfig(cache="x", opt="sgd", opt_kwargs={"momentum": 0.5, "nesterov": False}),
+                                task, 1)
+    assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.5
+    assert {g["weight_decay"] for g in sgd.param_groups} == {0.0, 0.05}  # the same no-decay groups as AdamW
+    assert "betas" not in sgd.param_groups[0]  # dropped for an optimizer without betas
+    with pytest.raises(ConfigError, match="--opt 'adamx'.*list_optimizers"):
+        build.build_optimizer(TrainConfig(cache="x", opt="adamx"), task, 1)
+
+
+def test_sched_and_sched_kwargs_pick_timm_schedules_counted_in_steps():
+    step = _lrs(TrainConfig(cache="x", lr=1.0, epochs=3, sched="step",
+                            sched_kwargs={"decay_epochs": 1, "decay_rate": 0.5}), 12)
+    assert step == [1.0] * 4 + [0.5] * 4 + [0.25] * 4  # decay_epochs are epochs of 4 steps
+    multi = _lrs(TrainConfig(cache="x", lr=1.0, epochs=3, warmup_epochs=0.5, sched="multistep",
+                             sched_kwargs={"decay_milestones": [2], "decay_rate": 0.1}), 12)
+    # The same warmup; milestones count after it (timm's MultiStepLRScheduler decays on the update before one).
+    assert multi == pytest.approx([0.5, 1.0] + [1.0] * 7 + [0.1] * 3)
+    assert _lrs(TrainConfig(cache="x", lr=1.0, sched="constant"), 5) == [1.0] * 5
+    with pytest.raises(ConfigError, match="--sched 'plateau' is not one of cosine"):
+        _lrs(TrainConfig(cache="x", sched="plateau"), 1)
+
+
+def test_scheduler_state_resumes_without_unpickling(tmp_path):
+    cfg = TrainConfig(cache="x", lr=1.0, epochs=2, warmup_epochs=1)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    sched = build.build_scheduler(cfg, opt, batches_per_epoch=4, num_processes=1)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    torch.save(sched.state_dict(), tmp_path / "s.bin")
+    opt2 = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    again = build.build_scheduler(cfg, opt2, batches_per_epoch=4, num_processes=1)
+    again.load_state_dict(torch.load(tmp_path / "s.bin", weights_only=True))
+    for s, o in ((sched, opt), (again, opt2)):
+        o.step()
+        s.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(1.0)  # step 4: the peak
+
+
+def test_model_ema_is_timms_and_optional():
+    student = torch.nn.Linear(2, 2)
+    assert build.build_ema(TrainConfig(cache="x"), student) is None
+    ema = build.build_ema(TrainConfig(cache="x", model_ema=True, model_ema_decay=0.5), student)
+    from timm.utils import ModelEmaV3
+
+    assert isinstance(ema, ModelEmaV3) and ema.module is not student
+    with torch.no_grad():
+        student.weight.add_(2.0)
+    ema.update(student)
+    assert torch.allclose(ema.module.weight, student.weight - 1.0)  # halfway at decay 0.5
+
+
+def test_eval_loader_uses_the_students_timm_data_config(manifest, tmp_path):
+    from featcache.testing.images import make_image_folder
+
+    val = make_image_folder(tmp_path / "val", classes=3, per_class=1)
+    student = models.load_model("resnet18", pretrained=False, num_classes=3)  # timm: crop_pct 0.95, bicubic
+    data = models.normalization(student)
+    assert (data["crop_pct"], data["interpolation"], data["crop_mode"]) == (0.95, "bicubic", "center")
+    loader = build.build_eval_loader(TrainConfig(cache="c", val=str(val)), manifest, 32, data)
+    recipe = loader.dataset.recipe
+    assert recipe.ops[0].crop_pct == 0.95 and recipe.interpolation == "bicubic" and recipe.img_size == 32
+    bilinear = build.build_eval_loader(TrainConfig(cache="c", val=str(val)), manifest, 32,
+                                       {**data, "crop_pct": 0.5, "interpolation": "bilinear"})
+    assert bilinear.dataset.recipe.ops[0].crop_pct == 0.5 and bilinear.dataset.recipe.interpolation == "bilinear"
+    with pytest.raises(ConfigError, match="crop_mode='squash'"):
+        build.build_eval_loader(TrainConfig(cache="c", val=str(val)), manifest, 32, {**data, "crop_mode": "squash"})

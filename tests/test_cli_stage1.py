@@ -94,3 +94,32 @@ def test_corrupt_image_cli(tmp_path):
 def test_teachers_lists_aliases():  # --help of every command: tests/test_cli.py
     result = CliRunner().invoke(main, ["teachers"])
     assert result.exit_code == 0 and "deit3_small" in result.output and "deit3_small_patch16_224" in result.output
+
+
+def test_pretrained_teacher_without_a_network_fails_fast_with_the_hint(tmp_path):
+    """A real `featcache extract` process whose hub endpoint is a closed loopback port and whose hub cache is empty."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = make_image_folder(tmp_path / "imgs", classes=2, per_class=1)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "featcache.cli", "extract", "--teacher", "deit_tiny", "--data",
+                           str(data), "--out", str(tmp_path / "cache"), "--img-size", "32"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: cannot load the pretrained weights of 'deit_tiny_patch16_224.fb_in1k'")
+    for hint in ("--checkpoint PATH", "--no-pretrained", "hub cache", f"127.0.0.1:{port} is unreachable"):
+        assert hint in error, (hint, error)
+    # v0.1 spent ~50 s in the hub's retries ("Retrying in 8s [Retry 5/5]") before the hub's own message. The wall
+    # time here is mostly imports on a loaded box; tests/test_models.py times load_model itself (< 10 s).
+    assert "Retrying" not in proc.stderr and seconds < 120, (seconds, proc.stderr)

@@ -184,3 +184,71 @@ def test_missing_checkpoint_is_a_featcache_error(tmp_path):
     with pytest.raises(MissingFileError, match="does not exist") as err:
         load_state_dict(tmp_path / "nope.safetensors")
     assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, FeatcacheError)
+
+
+# ------------------------------------------------------------------------------------------------ sources, offline
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty hub cache and a hub endpoint on a closed loopback port: nothing can be downloaded."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port that was free a moment ago refuses connections once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "hub"
+
+
+def save_timm_folder(model: nn.Module, folder) -> None:
+    from timm.models import save_for_hf
+
+    save_for_hf(model, str(folder), safe_serialization=True)
+
+
+def test_local_dir_names_pass_through_to_timm(tmp_path, images):
+    vit = tiny_vit()
+    save_timm_folder(vit, tmp_path / "vit")
+    loaded = load_model(f"local-dir:{tmp_path / 'vit'}", pretrained=True).eval()
+    assert weights_sha256(loaded) == weights_sha256(vit) and torch.equal(loaded(images), vit(images))
+    fresh = load_model(f"local-dir:{tmp_path / 'vit'}", pretrained=False, init_seed=1)  # the architecture alone
+    assert fresh.state_dict().keys() == vit.state_dict().keys() and weights_sha256(fresh) != weights_sha256(vit)
+    with pytest.raises(MissingFileError, match="has no config.json.*save_for_hf"):
+        load_model(f"local-dir:{tmp_path}", pretrained=True)
+
+
+def test_hf_hub_names_load_from_the_offline_hub_cache(no_hub, images):
+    vit = tiny_vit()
+    snapshot = no_hub / "models--featcache-test--tiny-vit" / "snapshots" / ("0" * 40)
+    save_timm_folder(vit, snapshot)  # the layout huggingface_hub leaves after a download
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    loaded = load_model("hf-hub:featcache-test/tiny-vit", pretrained=True).eval()
+    assert torch.equal(loaded(images), vit(images))
+
+
+@pytest.mark.parametrize("name", ["deit_tiny", "hf-hub:featcache-test/absent"])
+def test_pretrained_without_a_network_fails_fast_naming_the_ways_out(no_hub, name):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(FeatcacheError) as err:
+        load_model(name, pretrained=True, img_size=32, depth=1)
+    assert time.perf_counter() - start < 10  # v0.1: ~50 s of retries, then the hub's message
+    message = str(err.value)
+    for hint in ("--checkpoint PATH", "--no-pretrained", "hub cache", "HF_HUB_OFFLINE", "unreachable"):
+        assert hint in message, (hint, message)
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_an_offline_environment_is_named(no_hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FeatcacheError, match="HF_HUB_OFFLINE is set.*--no-pretrained"):
+        load_model("deit_tiny", pretrained=True, img_size=32, depth=1)
