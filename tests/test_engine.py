@@ -172,3 +172,145 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(cache, tmp_path):
     again = load_file(str(out / "student.safetensors"))
     assert all(torch.equal(full[k], again[k]) for k in full)
     assert json.loads((out / "final.json").read_text())["steps"] == 24
+
+
+# ------------------------------------------------------------------------------------------------ timm conventions
+
+
+@pytest.fixture(scope="module")
+def default_run(cache, tmp_path_factory):
+    """AdamW + cosine, three epochs evaluated on --val, the best of them not the last (shared by the export tests)."""
+    reset_accelerate()
+    out = tmp_path_factory.mktemp("default") / "run"
+    result = engine.train(config(cache, out, **DEFAULT_RUN, val=str(cache["val"])))
+    reset_accelerate()
+    return out, result
+
+
+def featcache_student(out):
+    spec = json.loads((out / "student.json").read_text())
+    model = models.load_model(spec["model"], pretrained=False, img_size=spec["img_size"],
+                              num_classes=spec["num_classes"], **spec["model_kwargs"])
+    model.load_state_dict(load_file(str(out / "student.safetensors")), strict=True)
+    return model.eval(), spec
+
+
+DEFAULT_RUN = dict(method="kd", epochs=3, lr=3e-3)
+
+PLAIN_TIMM = """
+import json, sys
+sys.modules["featcache"] = None  # plain timm: any import of featcache fails
+import timm
+model = timm.create_model("local-dir:{folder}", pretrained=True)
+import torch
+from safetensors.torch import load_file, save_file
+model.eval()
+save_file({{"logits": model(load_file("{inputs}")["x"]).contiguous()}}, "{outputs}")
+print(json.dumps({{"name": model.pretrained_cfg["architecture"], **timm.data.resolve_data_config(model=model)}}))
+"""
+
+
+def test_plain_timm_loads_the_exported_student_with_the_same_logits(cache, default_run, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    out, result = default_run
+    model, spec = featcache_student(out)
+    assert spec["model"] == result["student"] == "deit_tiny_patch16_224.fb_in1k"  # the real name, not the alias
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    code = PLAIN_TIMM.format(folder=out / "student", inputs=tmp_path / "x.safetensors",
+                             outputs=tmp_path / "logits.safetensors")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        assert torch.equal(load_file(str(tmp_path / "logits.safetensors"))["logits"], model(x))
+    timm_data = json.loads(proc.stdout.strip().splitlines()[-1])
+    student_data = models.normalization(model)
+    assert timm_data["name"] == "deit_tiny_patch16_224" and timm_data["input_size"] == [3, 32, 32]
+    for key in ("mean", "std", "interpolation", "crop_pct", "crop_mode"):
+        assert timm_data[key] == pytest.approx(student_data[key]) if key in ("mean", "std") else \
+            timm_data[key] == student_data[key], key
+    assert (out / "student.safetensors").stat().st_ino == (out / "student" / "model.safetensors").stat().st_ino
+
+
+def top1_of(folder, cache, data_config) -> float:
+    """featcache's evaluation of a timm folder on the test --val set."""
+    from featcache import build
+    from featcache.stores import open_reader
+
+    model = models.load_model(f"local-dir:{folder}", pretrained=True).eval()
+    loader = build.build_eval_loader(config(cache, "unused", val=str(cache["val"])),
+                                     open_reader(cache["cache"]).manifest, 32, data_config)
+    hits = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(torch.stack([normalize_image(i, data_config) for i in batch["image"]]))
+            hits += int((logits.argmax(-1) == batch["label"]).sum())
+            total += len(batch["label"])
+    return 100.0 * hits / total
+
+
+def normalize_image(image, data_config):
+    from featcache.views import normalize
+
+    return normalize(image[None], data_config["mean"], data_config["std"])[0]
+
+
+def test_the_best_student_is_kept_next_to_the_last(cache, default_run):
+    out, result = default_run
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    best = max(evals, key=lambda r: r["top1"])  # the first of equal ones, as the engine keeps it
+    assert result["best_top1"] == best["top1"] and result["best_epoch"] == best["epoch"]
+    assert best["top1"] != evals[-1]["top1"], "needs a run whose best epoch is not its last: change DEFAULT_RUN"
+    data_config = models.normalization(featcache_student(out)[0])
+    assert top1_of(out / "student_best", cache, data_config) == best["top1"]
+    assert top1_of(out / "student", cache, data_config) == result["top1"] == evals[-1]["top1"]
+
+
+def test_opt_sched_and_model_ema_change_the_optimizer_schedule_and_exported_weights(cache, default_run, tmp_path):
+    out = tmp_path / "sgd"
+    result = engine.train(config(cache, out, **DEFAULT_RUN, val=str(cache["val"]), opt="sgd",
+                                 opt_kwargs={"momentum": 0.5}, sched="step",
+                                 sched_kwargs={"decay_epochs": 1, "decay_rate": 0.5}, model_ema=True,
+                                 model_ema_decay=0.5))
+    default_out, _ = default_run
+    lrs = [r["lr"] for r in train_losses(out)]
+    assert lrs == pytest.approx([3e-3] * 3 + [1.5e-3] * 3 + [7.5e-4] * 3)  # step: halved every epoch (3 steps)
+    cosine = [r["lr"] for r in train_losses(default_out)]
+    assert cosine[0] == 3e-3 and cosine[3] == pytest.approx(1e-5 + (3e-3 - 1e-5) * 0.75)  # the default's cosine
+    student = load_file(str(out / "student.safetensors"))
+    ema = load_file(str(out / "student_ema" / "model.safetensors"))
+    default = load_file(str(default_out / "student.safetensors"))
+    assert student.keys() == ema.keys() == default.keys()
+    assert not torch.equal(student["head.weight"], default["head.weight"])  # the same run but --opt/--sched
+    assert not torch.equal(ema["head.weight"], student["head.weight"])  # the EMA lags the student
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert {"ema_top1", "ema_top5"} <= set(evals[-1]) and result["ema_top1"] == evals[-1]["ema_top1"]
+    data_config = models.normalization(featcache_student(out)[0])
+    assert top1_of(out / "student_ema", cache, data_config) == result["ema_top1"]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_same_ema(cache, tmp_path, monkeypatch):
+    kw = dict(method="kd", checkpoint_every=2, model_ema=True, model_ema_decay=0.7)
+    engine.train(config(cache, tmp_path / "full", **kw))
+    reset_accelerate()
+    real_after_step = engine.after_step
+
+    def dies_at_step_5(run, state, meter):
+        real_after_step(run, state, meter)
+        if state.step == 5:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "after_step", dies_at_step_5)
+        with pytest.raises(Killed):
+            engine.train(config(cache, tmp_path / "killed", **kw))
+    reset_accelerate()
+    engine.train(config(cache, tmp_path / "killed", resume=True, **kw))
+    full = load_file(str(tmp_path / "full" / "student_ema" / "model.safetensors"))
+    again = load_file(str(tmp_path / "killed" / "student_ema" / "model.safetensors"))
+    assert all(torch.equal(full[k], again[k]) for k in full)

@@ -66,3 +66,40 @@ def test_report_cli(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     assert "| a | done | kd |" in result.output and (tmp_path / "rep" / "report.png").is_file()
+
+
+def test_swept_hyperparameters_become_columns_and_failures_are_labelled(tmp_path):
+    for temperature in (1.0, 4.0):
+        run = make_run(tmp_path, f"kd-t{temperature}", "kd", [10.0, 20.0 + temperature])
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config.update(method_args={"temperature": temperature}, lr=1e-3, out=str(run), workers=temperature)
+        (run / "sweep_run.yaml").write_text(yaml.safe_dump(config))  # what a sweep asked for wins over config.yaml
+    make_run(tmp_path, "crashed", "kd", [], final=False)
+    paths = write_report(tmp_path, failures={"crashed": "failed: TypeError: bad thing: x", "kd-t1.0": "skipped"})
+    header, _, *rows = Path(paths["md"]).read_text().splitlines()[2:]
+    assert header.split(" | ")[4:7] == ["student", "method_args.temperature", "top-1"]  # not out, not workers
+    assert "| crashed | failed: TypeError | kd |" in paths["table"] and "| kd-t1.0 | done |" in paths["table"]
+    assert "| deit_tiny | 4 | 24.00 | 24.00 |" in paths["table"]
+    rows = {r["run"]: r for r in csv.DictReader(open(paths["csv"]))}
+    assert rows["kd-t4.0"]["method_args.temperature"] == "4.0" and rows["crashed"]["top1"] == ""
+
+
+def test_plot_labels_unfinished_runs_and_counts_epochs_from_one(tmp_path):
+    from featcache.report import make_figure
+
+    make_run(tmp_path, "const", "kd", [100.0, 100.0, 100.0])
+    make_run(tmp_path, "killed", "vitkd", [5.0], final=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "final.json").write_text("{not json")
+    fig = make_figure([summarize_run(p, tmp_path) for p in find_runs(tmp_path)])
+    acc, loss, evals = fig.axes
+    assert acc.get_ylim() == evals.get_ylim() == (0.0, 100.0)  # a constant 100 % is not auto-scaled to 96-104
+    assert loss.get_yscale() == "log"  # losses of different methods differ by orders of magnitude
+    assert min(x for line in evals.lines for x in line.get_xdata()) == 1  # the console's "epoch 1/3"
+    assert all(float(t).is_integer() for t in evals.get_xticks())
+    bars = [p for p in acc.patches if p.get_height() > 0]
+    assert len(acc.patches) == len(bars) == 4  # two per run with a top-1; none (not a zero bar) for "bad"
+    assert [p.get_hatch() for p in bars] == [None, None, "//", "//"]  # killed: its last evaluation, hatched
+    assert "no top-1: unreadable: JSONDecodeError" in [t.get_text() for t in acc.texts]
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["bad (unreadable)", "const", "killed (incomplete)"]
+    assert [line.get_linestyle() for line in evals.lines] == ["-", "--"]

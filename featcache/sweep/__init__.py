@@ -120,7 +120,7 @@ def _finish(spec: SweepSpec, plans: list[RunPlan], results: Mapping[str, str], r
         return None
     from ..report import write_report
 
-    paths = write_report(spec.out, runs=[p.dir for p in plans])
+    paths = write_report(spec.out, runs=[p.dir for p in plans], failures=results)
     log(f"report: {paths['md']}  {paths['csv']}  {paths['png']}")
     return paths
 
