@@ -142,3 +142,33 @@ def test_student_json_round_trip(tmp_path):
     (tmp_path / "student.json").write_text(json.dumps({"model": "toy"}))
     with pytest.raises(ConfigError, match=r"lacks \['img_size'\]"):
         rundir.read_student(tmp_path)
+
+
+def test_a_timm_student_is_written_in_timms_format(tmp_path):
+    import timm
+
+    from featcache import models
+
+    model = models.load_model("resnet18", pretrained=False, num_classes=3).eval()
+    spec = {"model": "resnet18", "img_size": 48, "num_classes": 3, "model_kwargs": {}}
+    rundir.write_student(tmp_path, model, spec, mean=[0.5] * 3, std=[0.25] * 3,
+                         data_config={"interpolation": "bilinear", "crop_pct": 0.8, "crop_mode": "center"})
+    folder = tmp_path / rundir.STUDENT_DIR
+    assert sorted(p.name for p in folder.iterdir()) == [rundir.TIMM_CONFIG, rundir.TIMM_WEIGHTS]
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))
+    data = timm.data.resolve_data_config(model=plain)
+    assert tuple(data["input_size"]) == (3, 48, 48)
+    assert list(data["mean"]) == [0.5] * 3 and list(data["std"]) == [0.25] * 3
+    assert (data["interpolation"], data["crop_pct"]) == ("bilinear", 0.8)
+    assert torch.equal(load_file(str(rundir.student_weights(tmp_path)))["fc.weight"], model.fc.weight)
+
+
+def test_checkpoint_ema_round_trip_and_a_checkpoint_without_it(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3).t()}  # non-contiguous: stored contiguous
+    rundir.write_checkpoint_ema(tmp_path, state)
+    assert torch.equal(rundir.read_checkpoint_ema(tmp_path)["w"], state["w"])
+    with pytest.raises(MissingFileError, match="without --model-ema"):
+        rundir.read_checkpoint_ema(tmp_path / "other")

@@ -68,3 +68,15 @@ def test_teachers_do_not_import_the_methods():
     code = "import sys, featcache.teachers; print('featcache.methods' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_local_dir_teacher_is_recorded_by_its_name_and_real_architecture(vit, tmp_path, images):
+    from timm.models import save_for_hf
+
+    save_for_hf(vit.model, str(tmp_path / "t"), safe_serialization=True)  # e.g. an earlier run's student/
+    teacher = load_teacher(f"local-dir:{tmp_path / 't'}", pretrained=True)
+    entry = teacher.manifest_entry()
+    assert entry["name"] == entry["timm_name"] == f"local-dir:{tmp_path / 't'}"
+    assert entry["architecture"] == "deit3_small_patch16_224" and entry["weights_sha256"] == weights_sha256(vit.model)
+    rebuilt = teacher_from_manifest({"teacher": entry, "img_size": 32})
+    assert torch.equal(rebuilt.targets(images, [1])["logits"], vit.targets(images, [1])["logits"])
