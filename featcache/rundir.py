@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-from .config import load_yaml, save_yaml
+from .config import TrainConfig, load_yaml, save_yaml, to_dict
 from .durable import write_atomic
 from .errors import ConfigError, MissingFileError
 from .manifest import diff_keys
@@ -96,8 +96,13 @@ def run_status(run_dir: str | Path) -> RunStatus:
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted config keys that differ between a run and its continuation, :data:`NEUTRAL_KEYS` left out."""
-    return [k for k in diff_keys(old, new) if k.split(".")[0] not in NEUTRAL_KEYS]
+    """Dotted config keys that differ between a run and its continuation, :data:`NEUTRAL_KEYS` left out.
+
+    A key the saved config lacks (an option added after the run started) is taken at its default: the run used
+    that behaviour, so continuing it with the default is the same run.
+    """
+    saved = {**to_dict(TrainConfig()), **old}
+    return [k for k in diff_keys(saved, new) if k.split(".")[0] not in NEUTRAL_KEYS]
 
 
 def is_run(path: str | Path) -> bool:

@@ -172,3 +172,12 @@ def test_checkpoint_ema_round_trip_and_a_checkpoint_without_it(tmp_path):
     assert torch.equal(rundir.read_checkpoint_ema(tmp_path)["w"], state["w"])
     with pytest.raises(MissingFileError, match="without --model-ema"):
         rundir.read_checkpoint_ema(tmp_path / "other")
+
+
+def test_an_option_added_after_the_run_started_counts_at_its_default():
+    from featcache.config import TrainConfig, to_dict
+
+    new = to_dict(TrainConfig(cache="c"))
+    old = {k: v for k, v in new.items() if k not in ("opt", "model_ema")}  # a config saved before those options
+    assert rundir.changed_keys(old, new) == []
+    assert rundir.changed_keys(old, {**new, "model_ema": True}) == ["model_ema"]
