@@ -295,9 +295,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise MissingFileError(f"config file {str(path)!r} does not exist; check the path") from None
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not a plain YAML file ({err}); configs are data: keys and values only, no "
-                          "!!python tags") from None
+    except yaml.YAMLError as err:  # its text spans lines (a snippet and a caret): keep the problem and where
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise ConfigError(f"{path}{where}: not a plain YAML file ({problem}); configs are data: keys and values "
+                          "only, no !!python tags") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level (key: value lines), got "
                           f"{type(data).__name__}")

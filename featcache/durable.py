@@ -7,6 +7,7 @@ never a torn one.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -28,10 +29,15 @@ def fsync_path(path: str | os.PathLike) -> None:
         _fsync_fd_of(d)
 
 
+def temp_token() -> str:
+    """A suffix no other writer's temp file has: this process's PID and a random part (threads share the PID)."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old or the new file, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_token()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -17,22 +17,24 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 
-from . import rundir
+from . import locks, rundir
 from .build import (OnlineTargets, build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student,
                     build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
 from .config import TrainConfig, load_yaml, to_dict
-from .errors import ConfigError, RunExistsError
+from .errors import ConfigError, LockedError, RunExistsError
 from .methods.task import DistillTask
 from .models import normalization
 from .stores import open_reader
@@ -81,9 +83,43 @@ class Run:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one student from one cache; write the run directory and return ``final.json``'s content."""
+    """Train one student from one cache; write the run directory and return ``final.json``'s content.
+
+    Raises:
+        LockedError: another process is writing ``cfg.out`` (its PID is named); nothing there is touched.
+    """
     cfg.validate()
     out = Path(cfg.out)
+    with hold_out(out):
+        return _train(cfg, out)
+
+
+@contextmanager
+def hold_out(out: Path) -> Iterator[None]:
+    """Lock ``--out`` for this run. Under a distributed launch only the main process holds the lock and the others
+    learn whether it got it, so a refused run stops on every process instead of hanging at its first collective."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        with locks.hold(out / rundir.LOCK_FILE, out, "featcache train"):
+            yield
+        return
+    from accelerate import PartialState
+    from accelerate.utils import broadcast
+
+    state = PartialState()
+    with ExitStack() as stack:
+        refused: LockedError | None = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(locks.hold(out / rundir.LOCK_FILE, out, "featcache train"))
+            except LockedError as err:
+                refused = err
+        if int(broadcast(torch.tensor([int(refused is not None)], device=state.device))[0]):
+            raise refused or LockedError(f"{str(out)!r} is being written by another process (the main process names "
+                                         "its PID); wait for it or choose another --out")
+        yield
+
+
+def _train(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     if cfg.resume and (final := rundir.read_final(out)) is not None:
         return final
     _refuse_overwrite(out, cfg.resume)
@@ -366,6 +402,7 @@ def restore(run: Run) -> RunState:
     if latest is None:
         run.accelerator.print(f"[featcache] --resume: no checkpoint in {run.out / rundir.CHECKPOINTS_DIR}, "
                               "starting fresh")
+        run.log.truncate(0)  # and with a clean log: what the killed run logged is about to be logged again
         return RunState()
     run.accelerator.load_state(str(latest))
     if run.ema is not None:

@@ -98,6 +98,10 @@ class SourceError(FeatcacheError, ValueError):
     leaves the root, a truncated or compressed shard, a bad label; the message names the file and the fix."""
 
 
+class LockedError(FeatcacheError, RuntimeError):
+    """Another live process is writing the directory (its lock is held); the message names that process's PID."""
+
+
 class SweepError(FeatcacheError, RuntimeError):
     """A sweep spec is invalid, or some of its runs failed."""
 
@@ -106,5 +110,5 @@ class SweepError(FeatcacheError, RuntimeError):
 ImageDecodeError = DecodeError
 
 __all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "WeightsUnavailableError",
-           "RunExistsError", "CacheError", "CompatError", "DecodeError", "ImageDecodeError", "ReplayDriftError",
-           "SourceError", "SweepError"]
+           "RunExistsError", "CacheError", "CompatError", "DecodeError", "ImageDecodeError", "LockedError",
+           "ReplayDriftError", "SourceError", "SweepError"]

@@ -11,15 +11,17 @@ Inspecting a cache is :mod:`featcache.info` and :mod:`featcache.verify`; rewriti
 """
 from __future__ import annotations
 
+import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
+from . import __version__, locks
 from .config import ExtractConfig
 from .datasets import ViewDataset
 from .errors import ConfigError, DecodeError
@@ -176,8 +178,20 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None
     Raises:
         CacheError: an existing cache at ``cfg.out`` has different settings (the keys are named).
         DecodeError: an image is corrupt and ``cfg.skip_corrupt`` is off (the file is named).
+        LockedError: another process is extracting into ``cfg.out`` (its PID is named).
     """
     cfg.validate()
+    with locks.hold(lock_file(cfg.out), cfg.out, "featcache extract"):
+        return _extract(cfg, progress, max_units)
+
+
+def lock_file(out: str | os.PathLike) -> Path:
+    """The lock of an extraction ``--out``: beside it, since ``--overwrite`` deletes and recreates the directory."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
+
+
+def _extract(cfg: ExtractConfig, progress: bool, max_units: int | None) -> str:
     device = resolve_device(cfg.device)
     teacher, source, manifest = prepare(cfg, device)
     writer = create_writer(cfg.out, manifest, format=cfg.format, overwrite=cfg.overwrite)

@@ -108,8 +108,20 @@ def load_model(name: str, pretrained: bool = True, checkpoint: str | None = None
         torch.manual_seed(init_seed)
         model = _create(full, pretrained and checkpoint is None, kwargs)
     if checkpoint is not None:
-        model.load_state_dict(load_state_dict(checkpoint))
+        _load_weights(model, checkpoint, full)
     return model
+
+
+def _load_weights(model: nn.Module, checkpoint: str, full: str) -> None:
+    """Load ``checkpoint`` into ``model``, refusing one made for another architecture in one line."""
+    try:
+        model.load_state_dict(load_state_dict(checkpoint))
+    except RuntimeError as err:  # torch lists every missing / unexpected key and shape, over many lines
+        detail = " ".join(str(err).split())
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} does not fit timm model {full!r} ({detail}); "
+                          "pass the checkpoint of that architecture, or the --teacher / --student it was saved "
+                          "from") from None
 
 
 def _check_known(name: str, full: str) -> None:
@@ -152,7 +164,24 @@ def _create(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _create_timm(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model``, retried without ``img_size`` for models that do not take it (CNNs)."""
+    """``timm.create_model``, retried without ``img_size`` for models that do not take it (CNNs).
+
+    Raises:
+        ConfigError: naming the kwargs, when timm rejects the user's ``--teacher-kwargs`` / ``--student-kwargs``.
+    """
+    try:
+        return _create_model(full, pretrained, kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        extra = {k: v for k, v in kwargs.items() if k not in ("img_size", "num_classes")}
+        if not extra:
+            raise
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"timm model {full!r} rejects the kwargs {extra} ({type(err).__name__}: {reason}); fix "
+                          "the --teacher-kwargs / --student-kwargs value (or the recipe's teacher_kwargs / "
+                          "student_kwargs) that passed them") from None
+
+
+def _create_model(full: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(full, pretrained=pretrained, **kwargs)
     except TypeError:  # img_size is a ViT-only argument
@@ -217,14 +246,47 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist; pass the path of a .safetensors file or a "
                                "torch state dict")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return _load_safetensors(path)
+    state = _torch_load(path)
     for key in _STATE_DICT_WRAPPERS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             return state[key]
     return state
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ConfigError(f"checkpoint {str(path)!r} is not a readable .safetensors file ({err}); re-save or "
+                          "re-download it") from None
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; a file it refuses is named with the safe ways out only (torch's own
+    text suggests turning the safe loader off, which must never be shown)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:  # not a torch file, or a truncated one
+        reason = f"{type(err).__name__}: {_first_sentence(str(err))}"
+        raise ConfigError(f"checkpoint {str(path)!r} is not a readable torch state dict ({reason}); pass a "
+                          ".safetensors file or one saved with `torch.save(model.state_dict(), path)`") from None
+    except Exception as err:
+        if type(err).__name__ != "UnpicklingError":  # the restricted unpickler refused the file
+            raise
+        found = _first_sentence(str(err).partition("WeightsUnpickler error:")[2].split(" Please")[0])
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be loaded safely{f' ({found})' if found else ''}: "
+                          "featcache reads tensors only and never unpickles Python objects; save the state dict "
+                          "alone (`torch.save(model.state_dict(), path)`) or as .safetensors "
+                          "(`safetensors.torch.save_file`)") from None
+
+
+def _first_sentence(text: str) -> str:
+    """The first line / sentence of a library's message, for a one-line error."""
+    return " ".join(text.strip().splitlines()[0].split(". ")[0].split()) if text.strip() else ""
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -16,6 +16,7 @@ A training run (``featcache train --out DIR``, or one run of a sweep) owns one d
     final.json                  the result, written last: its presence = the run is done
     sweep_run.yaml              (sweeps) the config the sweep asked for, before the engine resolved it
     probe.json                  (``featcache probe``) the linear-probe result
+    .featcache.lock             held (``fcntl.flock``) by the one process writing the run; names its PID
 
 Every module that reads or writes one of these goes through this one: the engine writes them, ``--resume`` and
 sweeps read the status and the checkpoints, ``report``, ``demo`` and the sweep's progress lines read the metrics,
@@ -56,6 +57,9 @@ FINAL_FILE = "final.json"
 SWEEP_CONFIG = "sweep_run.yaml"
 PROBE_FILE = "probe.json"
 PROBE_RANDOM_INIT_FILE = "probe_random_init.json"
+#: The run's lock (:mod:`featcache.locks`): kept when a run is cleared, since deleting a held lock file would let a
+#: second writer lock a new one.
+LOCK_FILE = ".featcache.lock"
 
 #: Files whose presence marks a directory as a run (what ``featcache report`` looks for).
 RUN_MARKERS = (CONFIG_FILE, FINAL_FILE, SWEEP_CONFIG)

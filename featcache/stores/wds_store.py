@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from ..durable import temp_token
 from ..errors import CacheError
 from ..manifest import Manifest, safe_relpath
 from . import _units
@@ -109,10 +110,12 @@ class WdsWriter(_units.JsonManifestWriter, StoreWriter):
 
         rows = self._manifest.unit_rows(unit)
         members = self._member_names()
-        pattern = str(self.path / ".shard-%06d.tar.tmp")
+        # A temp name of this writer's own (two writers must never share one), renamed once complete and fsynced.
+        pattern = str(self.path / f".shard-%06d.tar.{temp_token()}.tmp")
+        final = self.path / shard_name(unit)
         # One tar per unit (maxcount > rows); mtime 0 makes shard bytes reproducible; post renames when complete.
         with wds.ShardWriter(pattern, maxcount=len(rows) + 1, maxsize=float("inf"), start_shard=unit, verbose=0,
-                             encoder=False, mtime=0.0, post=self._publish) as sink:
+                             encoder=False, mtime=0.0, post=lambda tmp: _units.publish(Path(tmp), final)) as sink:
             for i, row in enumerate(rows):
                 sample = {"__key__": row_key(self._manifest, row), "records.json": _record_json(records, i)}
                 for name, (ext, codec) in members.items():
@@ -127,10 +130,6 @@ class WdsWriter(_units.JsonManifestWriter, StoreWriter):
             itemsize = np.dtype(spec["dtype"]).itemsize
             out[name] = ("npy" + COMPRESSED_SUFFIX[comp["name"]], numcodecs_compressor(comp, itemsize))
         return out
-
-    def _publish(self, tmp_name: str) -> None:
-        tmp = Path(tmp_name)
-        _units.publish(tmp, tmp.with_name(tmp.name[1:-len(".tmp")]))
 
 
 def shard_name(unit: int) -> str:

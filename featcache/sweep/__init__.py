@@ -11,6 +11,7 @@ A sweep spec is YAML (no code, no tags)::
       - {name: online-kd, method: kd, online_teacher: true}
       - {recipe: train/nkd/deit_tiny_from_deit3_small.yaml}   # a run may bring its own recipe
     out: runs/my_sweep                   # one directory per run below this
+    threads: 1                           # optional: torch threads of every run, whatever --jobs is (default 1)
 
 ``spec`` expands it into named, validated runs; ``cache`` makes sure the cache exists (extracting it only when it
 does not); ``jobs`` trains the runs. A re-run finds its finished runs (``final.json`` present) and skips them, and
@@ -19,7 +20,6 @@ teacher is never built unless a run asks for ``online_teacher`` or the cache mus
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,7 +40,8 @@ def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | N
 
     Args:
         spec: a :class:`SweepSpec` or the path of a spec YAML file.
-        jobs: trainings at once (separate processes reading the same cache; torch threads split between them).
+        jobs: trainings at once (separate processes reading the same cache); each trains with the spec's
+            ``threads`` torch threads, so the weights do not depend on ``jobs``.
         train_fn: the trainer, ``featcache.engine.train`` by default (tests inject a wrapper; with ``jobs > 1``
             it must be a module-level function so it pickles by name).
         report: write ``report.md/.csv/.png`` into the sweep's ``out`` at the end.
@@ -61,7 +62,7 @@ def run_sweep(spec: SweepSpec | str | Path, jobs: int = 1, train_fn: TrainFn | N
     ensure_cache(spec, log)
     _note_online(plans, log)
     todo, results = _todo(plans, log)
-    results.update(run_jobs(todo, jobs, train_fn, fail_fast, log))
+    results.update(run_jobs(todo, jobs, train_fn, fail_fast, log, threads=spec.threads))
     paths = _finish(spec, plans, results, report, log)
     failed = {k: v for k, v in results.items() if v.startswith("failed")}
     if failed and raise_failures:
@@ -96,18 +97,9 @@ def _todo(plans: list[RunPlan], log: Log) -> tuple[list[Job], dict[str, str]]:
     skipped = {p.name: "skipped" for p in plans if states[p.name] == "done"}
     for name in skipped:
         log(f"[{name}] done, skipped")
+    # A run killed before its first checkpoint left logs but nothing to resume from: its job starts it clean.
     todo = [Job(p, resume=states[p.name] == "partial") for p in plans if states[p.name] != "done"]
-    for job in todo:
-        if not job.resume:
-            _clear(job.plan)
     return todo, skipped
-
-
-def _clear(plan: RunPlan) -> None:
-    """A run killed before its first checkpoint left logs but nothing to resume from: start it clean."""
-    if plan.dir.is_dir():
-        for leftover in plan.dir.iterdir():
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
 def _finish(spec: SweepSpec, plans: list[RunPlan], results: Mapping[str, str], report: bool, log: Log

@@ -18,7 +18,7 @@ from ..config import TrainConfig, from_dict, load_yaml
 from ..errors import ConfigError, SweepError
 from ..methods.task import method_specs
 
-SPEC_KEYS = ("cache", "extract", "recipe", "base", "grid", "runs", "out")
+SPEC_KEYS = ("cache", "extract", "recipe", "base", "grid", "runs", "out", "threads")
 
 
 @dataclass
@@ -45,6 +45,9 @@ class SweepSpec:
     runs: list[dict[str, Any]] = field(default_factory=list)
     extract: dict[str, Any] | None = None
     root: str = "."  # where relative recipe paths are looked up (besides the working directory)
+    # Torch threads of every run. The weights depend on the thread count, so it is part of the spec, the same for
+    # any --jobs (a --jobs 2 sweep gives the weights of a --jobs 1 one), and --jobs N uses N x threads cores.
+    threads: int = 1
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], root: str | Path = ".") -> "SweepSpec":
@@ -62,7 +65,7 @@ class SweepSpec:
             _recipe_defaults(run.get("recipe"), Path(root))
         return cls(cache=str(cache), out=str(spec["out"]), base=dict(spec.get("base") or {}),
                    defaults=_recipe_defaults(spec.get("recipe"), Path(root)), grid=grid, runs=runs,
-                   extract=extract, root=str(root))
+                   extract=extract, root=str(root), threads=_threads(spec.get("threads", cls.threads)))
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepSpec":
@@ -80,6 +83,12 @@ def _cache_path(spec: Mapping[str, Any], extract: dict[str, Any] | None) -> str:
         if str(extract["out"]) != str(cache):
             raise SweepError(f"extract.out {extract['out']!r} differs from cache {cache!r}; give one path")
     return str(cache)
+
+
+def _threads(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SweepError(f"threads must be a whole number >= 1 (torch threads per run), got {value!r}")
+    return value
 
 
 def _grid(grid: Mapping[str, Any]) -> dict[str, list[Any]]:
