@@ -179,7 +179,7 @@ def probe(ctx: click.Context, config_path: str | None, **options: Any) -> None:
 
 def _sweep_options() -> list[click.Parameter]:
     return [default_option("--jobs", "featcache.sweep:run_sweep", "jobs", type=click.IntRange(min=1),
-                           help="Trainings at once, each a process reading the same cache (torch threads are split)."),
+                           help="Trainings at once, each a process reading the same cache (threads: from the spec)."),
             click.Option(["--no-report"], is_flag=True, help="Do not write report.md/.csv/.png at the end."),
             click.Option(["--fail-fast"], is_flag=True,
                          help="Stop at the first failed run (default: finish the others).")]

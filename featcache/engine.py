@@ -20,7 +20,7 @@ import dataclasses
 import os
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -34,7 +34,7 @@ from . import locks, rundir
 from .build import (OnlineTargets, build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student,
                     build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
 from .config import TrainConfig, load_yaml, to_dict
-from .errors import ConfigError, LockedError, RunExistsError
+from .errors import ConfigError, RunExistsError
 from .methods.task import DistillTask
 from .models import normalization
 from .stores import open_reader
@@ -96,26 +96,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 @contextmanager
 def hold_out(out: Path) -> Iterator[None]:
-    """Lock ``--out`` for this run. Under a distributed launch only the main process holds the lock and the others
-    learn whether it got it, so a refused run stops on every process instead of hanging at its first collective."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        with locks.hold(out / rundir.LOCK_FILE, out, "featcache train"):
-            yield
+    """Lock ``--out`` for this run, from the main process: under a distributed launch the others write nothing
+    before their first collective with it, so a refused main process stops them too (torchrun ends the group)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
         return
-    from accelerate import PartialState
-    from accelerate.utils import broadcast
-
-    state = PartialState()
-    with ExitStack() as stack:
-        refused: LockedError | None = None
-        if state.is_main_process:
-            try:
-                stack.enter_context(locks.hold(out / rundir.LOCK_FILE, out, "featcache train"))
-            except LockedError as err:
-                refused = err
-        if int(broadcast(torch.tensor([int(refused is not None)], device=state.device))[0]):
-            raise refused or LockedError(f"{str(out)!r} is being written by another process (the main process names "
-                                         "its PID); wait for it or choose another --out")
+    with locks.hold(out / rundir.LOCK_FILE, out, "featcache train"):
         yield
 
 

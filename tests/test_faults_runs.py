@@ -217,31 +217,36 @@ def test_resume_without_a_checkpoint_starts_a_clean_log(cache, tmp_path, monkeyp
     assert_steps_logged_once(tmp_path / "run", 3)
 
 
-def kill_at_random_point(proc, out: Path, rng: random.Random, steps: int) -> None:
-    """SIGKILL ``proc`` once it reaches a random step (0: while it starts up), after a random extra delay."""
-    target = rng.randrange(0, steps)
+def last_step(out: Path) -> int:
+    return max((int(r.get("step", 0)) for r in rundir.read_metrics(out)), default=0)
 
+
+def kill_at(proc, out: Path, target: int, delay: float) -> None:
+    """SIGKILL ``proc`` ``delay`` s after it logs step ``target`` (0: after it takes its lock, i.e. in its startup)."""
     def reached() -> bool:
         if target == 0:
             return lock_pid(out / rundir.LOCK_FILE) == proc.pid
-        return any(r.get("step", 0) >= target for r in rundir.read_metrics(out))
+        return last_step(out) >= target
 
     wait_until(lambda: reached() or proc.poll() is not None, timeout=180, what=f"step {target}")
-    time.sleep(rng.uniform(0.0, 0.3))
+    time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
 @pytest.mark.slow
 def test_sigkill_of_training_at_random_points_then_resume_gives_the_same_bytes(cache, tmp_path):
-    """Three SIGKILLs of a real `featcache train` at random steps (startup included), each followed by --resume;
-    the last --resume runs to the end. The weights equal an uninterrupted run's byte for byte, and every step is
-    logged exactly once."""
+    """Three SIGKILLs of a real `featcache train`, each followed by --resume: one in its startup (no checkpoint yet:
+    the resume must start a clean log), then two at random later steps, each after a random delay (so inside a step,
+    a log write or a checkpoint). The weights equal an uninterrupted run's byte for byte and every step is logged
+    exactly once. ``FEATCACHE_FAULT_SEED`` picks other points."""
     engine.train(train_config(cache, tmp_path / "full"))
-    out, rng = tmp_path / "killed", random.Random(int(os.environ.get("FEATCACHE_FAULT_SEED", "20")))
+    out, rng = tmp_path / "killed", random.Random(int(os.environ.get("FEATCACHE_FAULT_SEED", "10")))
     for attempt in range(3):
+        # Only this process can log a step past what the killed ones logged, so it is the one that reached it.
+        target = 0 if attempt == 0 else rng.randint(min(last_step(out) + 1, 11), 11)
         proc = start(train_args(cache, out) + (["--resume"] if attempt else []))
-        kill_at_random_point(proc, out, rng, steps=12)
+        kill_at(proc, out, target, rng.uniform(0.0, 0.3))
         assert proc.returncode in (-signal.SIGKILL, 0)
     done = start(train_args(cache, out) + ["--resume"])
     assert done.wait(300) == 0, done.stderr.read()[-2000:]
@@ -272,8 +277,10 @@ def test_killed_sweep_parent_takes_its_workers_along_and_a_rerun_finishes_it(cac
     pids = workers()
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    wait_until(lambda: all(gone(p) for p in pids), timeout=20, what=f"the orphaned workers {pids} to exit")
-    assert not all((run / rundir.FINAL_FILE).exists() for run in runs)
+    wait_until(lambda: all(gone(p) for p in pids), timeout=30, what=f"the orphaned workers {pids} to exit")
+    wait_until(lambda: not any(is_locked(run / rundir.LOCK_FILE) for run in runs), timeout=30,
+               what="their run directories' locks to go with them")
+    assert not any((run / rundir.FINAL_FILE).exists() for run in runs)  # no orphan trained on to the end
 
     result = run_sweep(SweepSpec.from_dict(spec), report=False, log=lambda s: None)  # every lock was released
     assert "done" in result["runs"].values() and set(result["runs"].values()) <= {"done", "skipped"}
@@ -325,3 +332,26 @@ def test_bad_inputs_end_in_one_line_naming_the_file_or_value(cache, tmp_path):
         assert named in out and "Traceback" not in out, (case, out)
         assert "weights_only" not in out and "add_safe_globals" not in out, (case, out)  # no unsafe advice
     assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_distributed_training_stops_on_every_process(cache, tmp_path):
+    """Under torchrun only the main process takes the lock; when it is refused, the whole group ends (no rank is
+    left waiting at a collective) and the held directory is not touched."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = holding(out / rundir.LOCK_FILE)
+    try:
+        before = snapshot(out)
+        env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "featcache.cli",
+               *train_args(cache, out, epochs=1)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert f"is being written by PID {holder.pid}" in done.stderr + done.stdout
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -83,6 +83,7 @@ def test_run_names_are_readable_and_stable():
     ({"runs": [{"method": "vitkd+nkd", "method_args": {"kd": {}}}]}, "name no method of vitkd"),
     ({"base": {"epochs": 1, "batch": 3}}, "unknown TrainConfig keys"),
     ({"runs": [{"name": "x"}, {"name": "x"}]}, "share the name"),
+    ({"threads": 0}, "threads must be a whole number >= 1"),
 ])
 def test_every_config_is_validated_before_training(tmp_path, bad, match):
     rec = Recorder()
@@ -268,3 +269,69 @@ def test_a_job_records_its_sweep_config_only_when_it_starts(tmp_path):
     config = job.start()
     assert config.resume and not job.plan.config.resume
     assert yaml.safe_load((tmp_path / "r" / "sweep_run.yaml").read_text())["cache"] == "c"
+
+
+def counting_train(cfg: TrainConfig) -> dict:
+    """The real engine, noting the torch thread count each run trained with (module level, so --jobs pickles it)."""
+    import torch
+
+    from featcache.engine import train
+
+    (Path(cfg.out) / "threads.txt").parent.mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "threads.txt").write_text(str(torch.get_num_threads()))
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_jobs_do_not_change_the_weights(cache, tmp_path, monkeypatch):
+    """Weights depend on the torch thread count; every run gets the spec's `threads` whatever --jobs is, so a
+    --jobs 2 sweep (two worker processes) gives the bytes of a --jobs 1 one (in this process, whose own thread count
+    is 1 here and is put back afterwards)."""
+    import torch
+
+    from featcache.testing.caches import reset_accelerate
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # 2 x 2 threads on a shared 2-core machine
+    base = {**STUDENT, "epochs": 1, "max_steps": 2, "batch_size": 4, "workers": 0, "fingerprint_checks": 2}
+    results = {}
+    for jobs in (1, 2):
+        reset_accelerate()
+        spec = SweepSpec.from_dict({"cache": str(cache), "base": base, "grid": {"lr": [0.01, 0.02]}, "threads": 2,
+                                    "out": str(tmp_path / f"jobs{jobs}")})
+        assert set(run_sweep(spec, jobs=jobs, train_fn=counting_train, report=False,
+                             log=lambda s: None)["runs"].values()) == {"done"}
+        results[jobs] = {p.name: p for p in (tmp_path / f"jobs{jobs}").iterdir()}
+    assert torch.get_num_threads() == 1
+    for name, run in results[1].items():
+        other = results[2][name]
+        assert (run / "threads.txt").read_text() == (other / "threads.txt").read_text() == "2"
+        assert (run / "student.safetensors").read_bytes() == (other / "student.safetensors").read_bytes(), name
+
+
+def test_rerun_never_touches_a_run_directory_another_process_holds(cache, tmp_path):
+    """A run killed before its first checkpoint is cleared by the next sweep, unless a live process holds it: then
+    that run fails naming the holder's PID, its files stay, and the other runs train."""
+    from featcache import rundir
+    from featcache.testing.processes import lock_pid, start, wait_until
+
+    spec = spec_for(cache, tmp_path / "runs", grid={"lr": [0.1, 0.2]})
+    held = tmp_path / "runs" / "lr=0.1"
+    held.mkdir(parents=True)
+    (held / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch": 0, "step": 1}) + "\n")
+    hold = ("import sys, time\nfrom featcache import locks\n"
+            "with locks.hold(sys.argv[1], sys.argv[1], 'featcache train'):\n    time.sleep(120)\n")
+    holder = start(["-c", hold, str(held / rundir.LOCK_FILE)])
+    try:
+        wait_until(lambda: lock_pid(held / rundir.LOCK_FILE) == holder.pid, what="the holder's lock", proc=holder)
+        rec = Recorder()
+        with pytest.raises(SweepError, match=rf"1 of 2 run\(s\) failed.*lr=0.1.*PID {holder.pid}"):
+            run_sweep(spec, train_fn=rec, report=False, log=lambda s: None)
+        assert rec.calls == [("lr=0.2", False)]
+        assert (held / "metrics.jsonl").is_file() and not (held / "sweep_run.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_sweep(spec, train_fn=Recorder(), report=False, log=lambda s: None)
+    assert result["runs"] == {"lr=0.1": "done", "lr=0.2": "skipped"}
+    assert sorted(p.name for p in held.iterdir()) == [".featcache.lock", "final.json", "metrics.jsonl",
+                                                      "sweep_run.yaml"]

@@ -41,12 +41,14 @@ def lock_pid(lock_file: str | Path) -> int | None:
 
 
 def gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    """True once every thread of ``pid`` has exited (a zombie nobody reaped yet counts as exited; a main thread
+    that is a zombie while other threads are still exiting, e.g. in an fsync, does not: they hold its files)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return zombie and os.listdir(f"/proc/{pid}/task") == [str(pid)]
     except OSError:
-        return False
+        return not Path(f"/proc/{pid}").exists()
