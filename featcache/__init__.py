@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it, imported on first access.
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(["ExtractConfig", "TrainConfig", "load_yaml", "save_yaml"], "featcache.config"),
+    **dict.fromkeys(["ExtractConfig", "TrainConfig", "ProbeConfig", "load_yaml", "save_yaml"], "featcache.config"),
     **dict.fromkeys(["Manifest", "FORMAT_VERSION"], "featcache.manifest"),
     **dict.fromkeys(["open_reader", "create_writer", "READERS", "WRITERS"], "featcache.stores"),
     **dict.fromkeys(["METHODS"], "featcache.methods"),
@@ -27,7 +27,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(["run_extract"], "featcache.extract"),
     **dict.fromkeys(["cache_info"], "featcache.info"),
     **dict.fromkeys(["verify_cache"], "featcache.verify"),
-    **dict.fromkeys(["ProbeConfig", "run_probe"], "featcache.probe"),
+    **dict.fromkeys(["run_probe"], "featcache.probe"),
     **dict.fromkeys(["train"], "featcache.engine"),
     **dict.fromkeys(["run_sweep"], "featcache.sweep"),
     **dict.fromkeys(["write_report"], "featcache.report"),

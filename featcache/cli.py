@@ -20,7 +20,7 @@ from .options import Command, default_option, field_choice, load_config, parse_m
 __all__ = ["main", "parse_method_args"]
 
 # The library objects whose fields or signatures hold the options' defaults, imported when a command is used.
-EXTRACT, TRAIN, PROBE = "featcache.config:ExtractConfig", "featcache.config:TrainConfig", "featcache.probe:ProbeConfig"
+EXTRACT, TRAIN, PROBE = "featcache.config:ExtractConfig", "featcache.config:TrainConfig", "featcache.config:ProbeConfig"
 INFO, VERIFY = "featcache.info:cache_info", "featcache.verify:verify_cache"
 
 

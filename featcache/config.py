@@ -1,4 +1,4 @@
-"""Configs for extraction and training: each default, help text and validation written once, plus YAML round-trip.
+"""Configs for extraction, training and probing: each default, help text and validation written once; YAML round-trip.
 
 Config flows one way: recipe YAML + CLI overrides (options the user typed win) -> dataclass -> ``validate()`` ->
 saved ``config.yaml``. Every field is declared with :func:`setting`, which keeps the default next to the help text
@@ -182,6 +182,38 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
 
 
+#: L2 strengths the linear probe tries on the held-out part of the training features.
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass
+class ProbeConfig:
+    """What to probe and on which data (CLI: ``featcache probe``; :func:`featcache.probe.run_probe`)."""
+
+    student: str = setting("", "A finished run directory (student.safetensors + student.json) or a checkpoint file "
+                               "(then also --model).")
+    data: str = setting("", "Training split for the linear classifier (ImageFolder or image shards).")
+    val: str = setting("", "Evaluation split; its classes are matched to --data's by folder name.")
+    model: str | None = setting(None, "timm name of a checkpoint file's model (a run dir records its own).")
+    model_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 6}\'.')
+    img_size: int | None = setting(None, "Input side in pixels [the run's / the model's].")
+    random_init: bool = setting(False, "Probe a seeded randomly initialised model of the same shape (the baseline); "
+                                       "results go to probe_random_init.json in a run dir.")
+    weight_decays: tuple[float, ...] = setting(WEIGHT_DECAYS, "L2 strengths tried on the hold-out.", cli=False)
+    steps: int = setting(200, "L-BFGS iterations per classifier fit.")
+    batch_size: int = setting(64, "Images per feature-extraction batch.")
+    workers: int = setting(0, "DataLoader worker processes.")
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda ...")
+    out: str | None = setting(None, "Result JSON [RUN_DIR/probe.json for a run dir, else only printed].")
+
+    def validate(self) -> None:
+        """Refuse a probe without its three inputs, or of a student path that does not exist."""
+        if not self.student or not self.data or not self.val:
+            raise ConfigError("probe needs --student RUN_DIR_OR_CHECKPOINT, --data TRAIN_SPLIT and --val VAL_SPLIT")
+        if not Path(self.student).exists():
+            raise MissingFileError(f"--student {self.student!r} is neither a run directory nor a checkpoint file")
+
+
 def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
     """Build a config dataclass from a mapping, naming unknown keys and listing the known ones."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -326,5 +358,5 @@ def save_yaml(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-__all__ = ["ExtractConfig", "TrainConfig", "setting", "from_dict", "from_options", "load_yaml", "parse_int_list",
-           "parse_json_object", "parse_pairs", "save_yaml", "to_dict", "yaml_value"]
+__all__ = ["ExtractConfig", "TrainConfig", "ProbeConfig", "WEIGHT_DECAYS", "setting", "from_dict", "from_options",
+           "load_yaml", "parse_int_list", "parse_json_object", "parse_pairs", "save_yaml", "to_dict", "yaml_value"]

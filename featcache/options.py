@@ -4,14 +4,15 @@ A config field (:func:`featcache.config.setting`) carries its default, help text
 turns it into a click option. Choices that a registry owns are stored in the field as a ``"module:NAME"`` reference
 and resolved here, when the option is built, never when :mod:`featcache.config` is imported. Options of commands
 without a config (``verify --samples``) read their default from the library function's signature
-(:func:`default_option`). :class:`Command` builds a command's options on first use, so that ``featcache --help``
-imports neither torch nor a registry (nor YAML: :mod:`featcache.config` is imported when a command runs).
+(:func:`default_option`). Neither imports the module holding a registry or a signature: until a command runs,
+:mod:`featcache.declared` reads them from the source, so no ``--help`` loads torch. :class:`Command` builds a
+command's options on first use, so that ``featcache --help`` imports neither a registry nor YAML
+(:mod:`featcache.config` is imported when a command runs).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import types
 import typing
 from typing import Any, Callable
@@ -28,9 +29,14 @@ def resolve(ref: str) -> Any:
 
 
 def names_of(ref: Any) -> list[str]:
-    """The values a choices reference allows: a tuple as is, or the names of a ``"module:NAME"`` registry/sequence."""
-    found = resolve(ref) if isinstance(ref, str) else ref
-    return list(found.names() if hasattr(found, "names") else found)
+    """The values a choices reference allows: a tuple as is, or the names of a ``"module:NAME"`` registry/sequence.
+
+    A reference is never imported for this: until its module is, the names are read from its source
+    (:mod:`featcache.declared`), so that ``--help`` loads no torch.
+    """
+    from .declared import names
+
+    return names(ref) if isinstance(ref, str) else list(ref)
 
 
 class Command(click.Command):
@@ -39,22 +45,26 @@ class Command(click.Command):
     Args:
         config: ``"module:Class"`` of the config dataclass whose fields become the options, after ``--config``.
         build: returns the options of a command without a config.
+
+    Attributes:
+        build_options: what builds the options (kept: tests build them again with the registries imported).
     """
 
     def __init__(self, *args: Any, config: str | None = None, build: Callable[[], list] | None = None, **kw: Any):
         super().__init__(*args, **kw)
         self.config = config
-        self._build = build if config is None else self._config_options
+        self.build_options = build if config is None else self._config_options
+        self._pending = True
 
     def _config_options(self) -> list[click.Parameter]:
         return config_options(resolve(self.config), self.name)
 
     @property
     def params(self) -> list[click.Parameter]:
-        if getattr(self, "_build", None) is not None:  # click's __init__ assigns params before _build exists
-            built = self._build()
-            self._build = None
-            self._params.extend(built)
+        if getattr(self, "_pending", False):  # click's __init__ assigns params before _pending exists
+            self._pending = False
+            if self.build_options is not None:
+                self._params.extend(self.build_options())
         return self._params
 
     @params.setter
@@ -116,12 +126,9 @@ def field_choice(owner: str, name: str) -> click.Choice:
 def default_option(decl: str, owner: str, name: str, **kw: Any) -> click.Option:
     """An option whose default is read from the library: the dataclass field's or keyword parameter's ``name`` of
     ``owner`` (``"module:NAME"``), so the value is written there only."""
-    owner = resolve(owner)
-    if dataclasses.is_dataclass(owner):
-        default = {f.name: f.default for f in dataclasses.fields(owner)}[name]
-    else:
-        default = inspect.signature(owner).parameters[name].default
-    return click.Option([decl, name], default=default, show_default=True, **kw)
+    from .declared import default
+
+    return click.Option([decl, name], default=default(owner, name), show_default=True, **kw)
 
 
 def load_config(ctx: click.Context, config_path: str | None, options: dict[str, Any]) -> Any:

@@ -13,7 +13,7 @@ the validation split is used once, for the reported top-1.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,45 +24,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import rundir
-from .config import setting
-from .errors import ConfigError, MissingFileError
+from .config import WEIGHT_DECAYS, ProbeConfig
+from .errors import ConfigError
 from .models import load_model, load_state_dict, normalization, resolve_device
 
-#: L2 strengths tried on the held-out part of the training features.
-WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-
-
-@dataclass
-class ProbeConfig:
-    """What to probe and on which data (CLI: ``featcache probe``)."""
-
-    student: str = setting("", "A finished run directory (student.safetensors + student.json) or a checkpoint file "
-                               "(then also --model).")
-    data: str = setting("", "Training split for the linear classifier (ImageFolder or image shards).")
-    val: str = setting("", "Evaluation split; its classes are matched to --data's by folder name.")
-    model: str | None = setting(None, "timm name of a checkpoint file's model (a run dir records its own).")
-    model_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 6}\'.')
-    img_size: int | None = setting(None, "Input side in pixels [the run's / the model's].")
-    random_init: bool = setting(False, "Probe a seeded randomly initialised model of the same shape (the baseline); "
-                                       "results go to probe_random_init.json in a run dir.")
-    weight_decays: tuple[float, ...] = setting(WEIGHT_DECAYS, "L2 strengths tried on the hold-out.", cli=False)
-    steps: int = setting(200, "L-BFGS iterations per classifier fit.")
-    batch_size: int = setting(64, "Images per feature-extraction batch.")
-    workers: int = setting(0, "DataLoader worker processes.")
-    device: str = setting("auto", "auto (cuda if available), cpu, cuda ...")
-    out: str | None = setting(None, "Result JSON [RUN_DIR/probe.json for a run dir, else only printed].")
-
-    def validate(self) -> None:
-        if not self.student or not self.data or not self.val:
-            raise ConfigError("probe needs --student RUN_DIR_OR_CHECKPOINT, --data TRAIN_SPLIT and --val VAL_SPLIT")
-        if not Path(self.student).exists():
-            raise MissingFileError(f"--student {self.student!r} is neither a run directory nor a checkpoint file")
-
-    def result_path(self) -> str | None:
-        """``--out``, else the run directory's probe file (none for a checkpoint file: the result is only printed)."""
-        if self.out or not Path(self.student).is_dir():
-            return self.out
-        return str(Path(self.student) / (rundir.PROBE_RANDOM_INIT_FILE if self.random_init else rundir.PROBE_FILE))
+def result_path(cfg: ProbeConfig) -> str | None:
+    """``--out``, else the run directory's probe file (none for a checkpoint file: the result is only printed)."""
+    if cfg.out or not Path(cfg.student).is_dir():
+        return cfg.out
+    return str(Path(cfg.student) / (rundir.PROBE_RANDOM_INIT_FILE if cfg.random_init else rundir.PROBE_FILE))
 
 
 def student_spec(cfg: ProbeConfig) -> dict[str, Any]:
@@ -198,7 +168,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     result.update(student=cfg.student, model=spec["model"], model_kwargs=spec.get("model_kwargs", {}),
                   random_init=cfg.random_init, feature_dim=int(train_x.shape[1]), num_train=len(train_y),
                   num_val=len(val_y), num_classes=len(classes), config=asdict(cfg))
-    out = cfg.result_path()
+    out = result_path(cfg)
     if out:
         Path(out).write_text(json.dumps(result, indent=1, default=list))
         result["written_to"] = out

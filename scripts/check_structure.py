@@ -31,7 +31,7 @@ MAX_MEDIAN_LINES = 8
 # Lowest first: a module may import its own layer or lower ones; a package stands for all its modules.
 # The run directory's contract sits below the engine, which writes the run dir through it; sweep and report read it.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "registry", "manifest", "durable", "locks", "config", "__init__"),
+    ("errors", "registry", "manifest", "durable", "locks", "config", "declared", "__init__"),
     ("sources",),
     ("views",),
     ("models",),
