@@ -159,12 +159,20 @@ class TrainConfig:
     online_teacher: bool = setting(False, "Compute the targets with the live teacher on the same replayed views "
                                           "(parity check and speed baseline) instead of reading the cache.")
     # Accelerate's own list also has fp8, which needs hardware and kernels featcache does not test.
-    mixed_precision: str = setting("no", "Accelerate mixed precision.", choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = setting(None, "Accelerate mixed precision [Accelerate's: `accelerate launch "
+                                                "--mixed_precision` or its config file, else no].",
+                                          choices=("no", "fp16", "bf16"))
     seed: int = setting(0, "Seed of init, order, views and masks.")
     workers: int = setting(2, "DataLoader worker processes.")
     checkpoint_every: int = setting(0, "Checkpoint every N steps (and at each epoch end; 0: epoch ends only).")
     resume: bool = setting(False, "Continue the run in --out from its latest checkpoint.")
-    log_every: int = setting(10, "Steps between metric records.")
+    log_every: int = setting(10, "Steps between metric records and console log lines.")
+    quiet: bool = setting(False, "No console output but the result (train.log in --out is still written).")
+    # Accelerate's log_with: any accelerate.utils.LoggerType name; checked (and installed?) when the run starts.
+    report_to: str = setting("tensorboard", "Trackers, comma-separated, as Accelerate's log_with takes them: "
+                                            "tensorboard, wandb, mlflow, comet_ml, aim, ...; all (every installed "
+                                            "one); none.")
+    tracker_project: str = setting("featcache", "Project the trackers log the run under (it is named after --out).")
     teacher: str | None = setting(None, "Expected teacher (alias or timm name); a cache from another teacher is "
                                         "refused before step 0.")
     cache_dtype: str | None = setting(None, "Expected storage dtype of the cache (e.g. fp32 for parity runs).",

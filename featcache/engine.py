@@ -17,6 +17,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -27,16 +28,17 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
-from . import locks, rundir
+from . import locks, rundir, trackers
 from .build import (OnlineTargets, build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student,
                     build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
 from .config import TrainConfig, load_yaml, to_dict
 from .errors import ConfigError, RunExistsError
 from .methods.task import DistillTask
 from .models import normalization
+from .progress import Console, Meter, MetricsLog, end_summary, start_summary
 from .stores import open_reader
 from .views import normalize
 
@@ -75,9 +77,11 @@ class Run:
     mean: list[float]
     std: list[float]
     targets_fn: Any  # None: targets come from the batch (cache); else the online teacher
-    log: "MetricsLog"
+    log: MetricsLog
     costs: list[str]
     student_spec: dict[str, Any]
+    console: Console
+    summary: list[str]
     data_config: dict[str, Any] = field(default_factory=dict)  # the student's timm data config
     ema: Any = None  # --model-ema: timm's ModelEmaV3 of the student
 
@@ -110,17 +114,19 @@ def _train(cfg: TrainConfig, out: Path) -> dict[str, Any]:
         return final
     _refuse_overwrite(out, cfg.resume)
     run = setup(cfg, out)
-    state = restore(run) if cfg.resume else RunState()
-    run.accelerator.print("\n".join(f"[featcache] {c}" for c in run.costs))
-    for epoch in range(state.epoch, cfg.epochs):
-        if cfg.max_steps is not None and state.step >= cfg.max_steps:
-            break
-        stopped = train_epoch(run, state, epoch)
-        if state.batches_done >= len(run.train_loader) or stopped:
-            end_epoch(run, state, epoch)
-        if stopped:
-            break
-    return finish(run, state)
+    with run.console:
+        run.console.lines(run.summary)
+        state = restore(run) if cfg.resume else RunState()
+        run.console.start(total_steps(run), state.step, cfg.epochs)
+        for epoch in range(state.epoch, cfg.epochs):
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                break
+            stopped = train_epoch(run, state, epoch)
+            if state.batches_done >= len(run.train_loader) or stopped:
+                end_epoch(run, state, epoch)
+            if stopped:
+                break
+        return finish(run, state)
 
 
 def _refuse_overwrite(out: Path, resume: bool) -> None:
@@ -141,16 +147,14 @@ def check_same_run(out: Path, cfg: TrainConfig) -> None:
 
 def setup(cfg: TrainConfig, out: Path) -> Run:
     """Build everything (compat check first) and ``prepare`` it once."""
-    # Label-free methods leave the student head without gradients; DDP must be told some parameters may be unused.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with="tensorboard", project_dir=str(out), kwargs_handlers=[ddp])
+    accelerator = make_accelerator(cfg, out)
     set_seed(cfg.seed)
     reader = open_reader(cfg.cache)
     manifest = reader.manifest
     specs = resolve_methods(cfg, manifest)  # runs the compatibility check before anything is built
     img_size = int(manifest["img_size"])
-    cfg = dataclasses.replace(cfg, img_size=img_size, ce_weight=resolve_ce_weight(cfg, specs))
+    cfg = dataclasses.replace(cfg, img_size=img_size, ce_weight=resolve_ce_weight(cfg, specs),
+                              mixed_precision=accelerator.mixed_precision)
     if cfg.resume:
         check_same_run(out, cfg)  # every process, before the main one rewrites the file
     student = build_student(cfg, manifest, specs, img_size)
@@ -167,18 +171,59 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     ema = build_ema(cfg, accelerator.unwrap_model(task).student)  # after prepare: on the student's device
     _write_config(accelerator, out, cfg)
     costs = _costs(cfg, task, accelerator)
+    summary = start_summary(cfg, manifest, accelerator, task, steps_per_epoch(cfg, len(train_loader)), costs)
+    summary += _alone_warning(accelerator)
     return Run(cfg, out, accelerator, task, optimizer, scheduler, train_loader, eval_loader, dataset, sampler,
                data_cfg["mean"], data_cfg["std"], targets_fn, MetricsLog(out, accelerator), costs,
-               student_spec(cfg, manifest, img_size), data_cfg, ema)
+               student_spec(cfg, manifest, img_size), Console.for_run(out, accelerator, cfg.quiet), summary,
+               data_cfg, ema)
+
+
+def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
+    """The Accelerator, with Accelerate's own settings wherever featcache has no flag of its own.
+
+    ``accelerate launch`` (or ``accelerate config``) decides the processes, and the mixed precision unless
+    ``--mixed-precision`` is given. Trackers come from ``--report-to``, TensorBoard's files go below ``tensorboard/``.
+    """
+    # Label-free methods leave the student head without gradients; DDP must be told some parameters may be unused.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / rundir.TENSORBOARD_DIR))
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=_launched_without_devices(),
+                       gradient_accumulation_steps=cfg.grad_accum, project_config=project, kwargs_handlers=[ddp],
+                       log_with=trackers.log_with(cfg.report_to))
+
+
+def _launched_without_devices() -> bool:
+    """Several processes (``accelerate launch --multi_gpu``, ``torchrun``) on a machine with no accelerator device.
+
+    Accelerate then gives each process a world of its own unless told to use the CPU: all would train on all the
+    data and write the same files. Told, they form one gloo group, as ``ACCELERATE_USE_CPU=true`` would.
+    """
+    device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not device
+
+
+def _alone_warning(accelerator: Accelerator) -> list[str]:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` starts one process on a machine without GPUs
+    (its simple launcher, which sets ``MASTER_PORT`` but no ``WORLD_SIZE``): say so rather than train alone."""
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_PORT" in os.environ
+    if accelerator.num_processes > 1 or "WORLD_SIZE" in os.environ or not launched:
+        return []
+    return ["warning  `accelerate launch` started this one process although it was given a master port (as for "
+            "--num_processes > 1): without GPUs it starts several only with --multi_gpu "
+            "(`accelerate launch --multi_gpu --num_processes N ...`, or `accelerate config`: multi-GPU)"]
 
 
 def _write_config(accelerator: Accelerator, out: Path, cfg: TrainConfig) -> None:
-    """The resolved config (image size, CE weight filled in), once every process has checked the old one."""
+    """The resolved config (image size, CE weight, precision filled in), once every process has checked the old one;
+    the trackers record it as the run's hyperparameters."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_config(out, cfg)
-    accelerator.init_trackers(rundir.TENSORBOARD_DIR)
+    hparams = trackers.hyperparameters({**to_dict(cfg), "num_processes": accelerator.num_processes})
+    accelerator.init_trackers(cfg.tracker_project, config=hparams,
+                              init_kwargs=trackers.init_kwargs(out.resolve().name))
 
 
 def _costs(cfg: TrainConfig, task: torch.nn.Module, accelerator: Accelerator) -> list[str]:
@@ -191,6 +236,16 @@ def _costs(cfg: TrainConfig, task: torch.nn.Module, accelerator: Accelerator) ->
     return costs
 
 
+def steps_per_epoch(cfg: TrainConfig, batches: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` micro-batches (Accelerate steps at the loader's end too)."""
+    return math.ceil(batches / cfg.grad_accum)
+
+
+def total_steps(run: Run) -> int:
+    total = steps_per_epoch(run.cfg, len(run.train_loader)) * run.cfg.epochs
+    return min(total, run.cfg.max_steps) if run.cfg.max_steps is not None else total
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -199,6 +254,7 @@ def set_epoch(run: Run, loader: Any, epoch: int) -> None:
     run.sampler.set_epoch(epoch)
     run.dataset.set_epoch(epoch)
     loader.set_epoch(epoch)  # DataLoaderShard re-applies its own counter to the sampler at __iter__
+    run.console.epoch(epoch)
 
 
 def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
@@ -226,7 +282,7 @@ def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
     return _reached_max_steps(run, state)
 
 
-def train_step(run: Run, batch: Mapping[str, Any], meter: "Meter") -> dict[str, torch.Tensor]:
+def train_step(run: Run, batch: Mapping[str, Any], meter: Meter) -> dict[str, torch.Tensor]:
     """One micro-batch: forward, backward, and (when the accumulation window closes) clip + optimizer step."""
     acc, task = run.accelerator, run.task
     targets = batch.get("targets", {}) if run.targets_fn is None else run.targets_fn(batch["image"])
@@ -246,12 +302,13 @@ def _reached_max_steps(run: Run, state: RunState) -> bool:
     return run.cfg.max_steps is not None and state.step >= run.cfg.max_steps
 
 
-def after_step(run: Run, state: RunState, meter: "Meter") -> None:
+def after_step(run: Run, state: RunState, meter: Meter) -> None:
     """Log every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps inside an epoch."""
     cfg = run.cfg
     if run.ema is not None:
         run.ema.update(run.accelerator.unwrap_model(run.task).student, step=state.step)
     state.images_seen += meter.pending_images()
+    run.console.advance(state.step)
     if state.step % max(cfg.log_every, 1) == 0:
         log_train(run, state, meter)
     mid_epoch = state.batches_done < len(run.train_loader)
@@ -259,10 +316,11 @@ def after_step(run: Run, state: RunState, meter: "Meter") -> None:
         save_checkpoint(run, state)
 
 
-def log_train(run: Run, state: RunState, meter: "Meter") -> None:
+def log_train(run: Run, state: RunState, meter: Meter) -> None:
     record = {"kind": "train", "epoch": state.epoch, "step": state.step, **meter.flush(run.accelerator)}
     record["lr"] = meter.lr
     run.log.write(record)
+    run.console.train(record)
 
 
 def end_epoch(run: Run, state: RunState, epoch: int) -> None:
@@ -273,7 +331,9 @@ def end_epoch(run: Run, state: RunState, epoch: int) -> None:
         if state.best_top1 is None or metrics["top1"] > state.best_top1:
             state.best_top1, state.best_epoch = metrics["top1"], epoch
             save_best(run)
-        run.log.write({"kind": "eval", "epoch": epoch, "step": state.step, **metrics})
+        record = {"kind": "eval", "epoch": epoch, "step": state.step, **metrics}
+        run.log.write(record)
+        run.console.eval(record, state.best_top1)
     state.epoch, state.batches_done = epoch + 1, 0
     save_checkpoint(run, state)
 
@@ -305,66 +365,6 @@ def evaluate_model(run: Run, model: torch.nn.Module) -> dict[str, float]:
     return {"top1": 100.0 * hits1 / max(total, 1), "top5": 100.0 * hits5 / max(total, 1)}
 
 
-# ------------------------------------------------------------------------------------------------ logging
-
-
-class Meter:
-    """Sums the loss parts of the micro-batches since the last log (on device; one sync per log)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.images = 0
-        self._unreported_images = 0
-        self.lr = 0.0
-        self.window_start = time.perf_counter()
-
-    def update(self, parts: Mapping[str, torch.Tensor], images: int) -> None:
-        for key, value in parts.items():
-            if value.ndim == 0:
-                value = value.detach().float()
-                self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
-        self.images += images
-        self._unreported_images += images
-
-    def pending_images(self) -> int:
-        n, self._unreported_images = self._unreported_images, 0
-        return n
-
-    def flush(self, accelerator: Accelerator) -> dict[str, float]:
-        """Mean of each part over the window and over processes; resets the window."""
-        if not self.sums:
-            return {}
-        keys = sorted(self.sums)
-        stacked = accelerator.reduce(torch.stack([self.sums[k] for k in keys]) / self.count, reduction="mean")
-        out = {k: float(v) for k, v in zip(keys, stacked.tolist())}
-        now = time.perf_counter()
-        out["images_per_s"] = self.images / max(now - self.window_start, 1e-9)
-        self.sums, self.count, self.images, self.window_start = {}, 0, 0, now
-        return out
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (+ TensorBoard through the accelerator); files are written by the main process only."""
-
-    def __init__(self, out: Path, accelerator: Accelerator):
-        self.out = out
-        self.accelerator = accelerator
-
-    def write(self, record: dict[str, Any]) -> None:
-        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
-                   if k not in ("kind", "step", "epoch") and isinstance(v, (int, float))}
-        self.accelerator.log(scalars, step=int(record["step"]))
-        if self.accelerator.is_main_process:
-            rundir.append_metrics(self.out, record)
-
-    def truncate(self, step: int) -> None:
-        """Keep only records up to ``step`` (a resumed run rewrites what the killed one logged after it)."""
-        if self.accelerator.is_main_process:
-            rundir.truncate_metrics(self.out, step)
-
-
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -386,8 +386,7 @@ def restore(run: Run) -> RunState:
     """``--resume``: load the latest complete checkpoint (fresh start if there is none)."""
     latest = rundir.latest_checkpoint(run.out)
     if latest is None:
-        run.accelerator.print(f"[featcache] --resume: no checkpoint in {run.out / rundir.CHECKPOINTS_DIR}, "
-                              "starting fresh")
+        run.console.line(f"--resume: no checkpoint in {run.out / rundir.CHECKPOINTS_DIR}, starting fresh")
         run.log.truncate(0)  # and with a clean log: what the killed run logged is about to be logged again
         return RunState()
     run.accelerator.load_state(str(latest))
@@ -395,7 +394,7 @@ def restore(run: Run) -> RunState:
         run.ema.module.load_state_dict(rundir.read_checkpoint_ema(latest))
     state = RunState(**rundir.read_checkpoint_state(latest))
     run.log.truncate(state.step)  # drop records the killed run wrote after this checkpoint
-    run.accelerator.print(f"[featcache] resumed from {latest} (epoch {state.epoch}, step {state.step})")
+    run.console.line(f"resumed from {latest} (epoch {state.epoch + 1}, step {state.step})")
     return state
 
 
@@ -423,6 +422,7 @@ def finish(run: Run, state: RunState) -> dict[str, Any]:
                                     run.data_config, img_size)
         rundir.write_metrics_csv(run.out)
         rundir.write_final(run.out, result)
+    run.console.end(end_summary(run.out, result))
     acc.end_training()
     return result
 

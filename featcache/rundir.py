@@ -4,7 +4,8 @@ A training run (``featcache train --out DIR``, or one run of a sweep) owns one d
 
     config.yaml                 the resolved TrainConfig (image size and CE weight filled in)
     metrics.jsonl / .csv        one JSON record per line: ``{"kind": "train" | "eval", "epoch", "step", ...}``
-    tensorboard/                Accelerate's tracker
+    train.log                   what the console showed: summaries, log lines, evaluations (timestamped)
+    tensorboard/                TensorBoard's files (``--report-to``; the project's subdirectory, hparams in it)
     checkpoints/step_{n:08d}/   Accelerate state (+ model_ema.safetensors) + featcache_state.json, written last:
                                 its presence = complete
     student/                    the exported student in timm's own format (model.safetensors + config.json):
@@ -42,6 +43,7 @@ from .manifest import diff_keys
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
+LOG_FILE = "train.log"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "featcache_state.json"
@@ -68,9 +70,10 @@ RUN_MARKERS = (CONFIG_FILE, FINAL_FILE, SWEEP_CONFIG)
 #: because they cannot change the weights or the result: the loop's order, views and RNG draws depend on none of
 #: them. ``data`` is where the same images live now (a changed image fails its replay fingerprint), ``workers``
 #: only parallelises loading (worker seeds come from the loader's own generator), ``log_every`` and
-#: ``checkpoint_every`` only decide when records and checkpoints are written. Not neutral: ``val`` (it changes the
-#: reported top-1) and ``ce_weight`` (compared after the methods' default is filled in).
-NEUTRAL_KEYS = ("resume", "workers", "log_every", "data", "checkpoint_every")
+#: ``checkpoint_every`` only decide when records and checkpoints are written, ``quiet``, ``report_to`` and
+#: ``tracker_project`` only who sees them. Not neutral: ``val`` (it changes the reported top-1), ``ce_weight`` (compared
+#: after the methods' default is filled in) and ``mixed_precision`` (compared as Accelerate resolved it).
+NEUTRAL_KEYS = ("resume", "workers", "log_every", "data", "checkpoint_every", "quiet", "report_to", "tracker_project")
 
 #: ``done``: final.json written; ``partial``: a complete checkpoint to resume from; ``failed``: the engine started
 #: but left nothing to resume (killed before its first checkpoint); ``new``: no run file yet.

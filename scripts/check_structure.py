@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods",),
     ("compat", "build", "extract", "convert", "info", "verify"),
     ("rundir",),
+    ("progress", "trackers"),
     ("engine",),
     ("sweep", "report", "probe"),
     ("demo",),

@@ -64,13 +64,22 @@ def test_source_defaults_follow_imports_and_read_functions_and_classes():
         declared.source_names("featcache.datasets:NOPE")
 
 
-@pytest.mark.parametrize("name", ["", *COMMANDS])
-def test_help_takes_under_a_second(name):
-    """The whole `python -m featcache.cli NAME --help` process, best of two (the machine may be busy)."""
-    args = [sys.executable, "-m", "featcache.cli", *([name] if name else []), "--help"]
+def best_time(args: list[str], tries: int = 3) -> float:
     times = []
-    for _ in range(2):
+    for _ in range(tries):
         start = time.perf_counter()
         subprocess.run(args, check=True, capture_output=True)
         times.append(time.perf_counter() - start)
-    assert min(times) < 1.0, f"`featcache {name} --help` took {min(times):.2f} s"
+    return min(times)
+
+
+@pytest.mark.parametrize("name", ["", *COMMANDS])
+def test_help_takes_under_a_second(name):
+    """The whole `python -m featcache.cli NAME --help` process, best of three, under a second on an idle machine.
+
+    On a loaded one (CI runs two test workers on two cores) the bound grows with what starting Python with click and
+    YAML costs at that moment, measured side by side; importing torch would cost some 30 times that.
+    """
+    floor = best_time([sys.executable, "-c", "import click, yaml"])
+    took = best_time([sys.executable, "-m", "featcache.cli", *([name] if name else []), "--help"])
+    assert took < max(1.0, 3 * floor), f"`featcache {name} --help` took {took:.2f} s (python + click: {floor:.2f} s)"

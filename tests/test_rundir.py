@@ -112,13 +112,15 @@ def test_neutral_keys_are_the_same_for_resume_and_sweep(tmp_path):
     run.mkdir()
     save_yaml(base, run / "config.yaml")
     save_yaml(base, run / "sweep_run.yaml")
-    neutral = {"resume": True, "workers": 7, "log_every": 3, "data": "/moved/images", "checkpoint_every": 5}
+    neutral = {"resume": True, "workers": 7, "log_every": 3, "data": "/moved/images", "checkpoint_every": 5,
+               "quiet": True, "report_to": "none", "tracker_project": "other"}
     assert set(neutral) == set(rundir.NEUTRAL_KEYS)
     for key, value in neutral.items():
         changed = dataclasses.replace(base, **{key: value})
         engine.check_same_run(run, changed)
         assert run_state(RunPlan("run", changed)) == "failed"  # config.yaml, no checkpoint: restarts clean
-    for key, value in {"lr": 0.5, "val": "other", "ce_weight": 0.0, "method_args": {"temperature": 2}}.items():
+    for key, value in {"lr": 0.5, "val": "other", "ce_weight": 0.0, "method_args": {"temperature": 2},
+                       "mixed_precision": "bf16"}.items():
         changed = dataclasses.replace(base, **{key: value})
         with pytest.raises(ConfigError, match=rf"\['{key}"):
             engine.check_same_run(run, changed)

@@ -38,16 +38,17 @@ class Job:
 
     plan: RunPlan
     resume: bool = False
+    quiet: bool = False  # no console output (--jobs N: side by side); train.log is still written
 
     @property
     def name(self) -> str:
         return self.plan.name
 
     def start(self) -> TrainConfig:
-        """Record the config the sweep asks for in the run directory; return it with ``resume`` set."""
+        """Record the config the sweep asks for in the run directory; return it with ``resume`` (and ``quiet``) set."""
         self.plan.dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(self.plan.dir, self.plan.config, rundir.SWEEP_CONFIG)
-        return dataclasses.replace(self.plan.config, resume=self.resume)
+        return dataclasses.replace(self.plan.config, resume=self.resume, quiet=self.quiet or self.plan.config.quiet)
 
     @contextmanager
     def claim(self) -> Iterator[TrainConfig]:
@@ -193,7 +194,9 @@ def _run_parallel(jobs: list[Job], processes: int, train_fn: TrainFn | None, fai
     context = multiprocessing.get_context("spawn")  # fork + torch threads can deadlock
     with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(train_one, job, train_fn, threads): job for job in jobs}
+        # Runs side by side would draw their bars over one another: each keeps its lines in its own train.log.
+        futures = {pool.submit(train_one, dataclasses.replace(job, quiet=True), train_fn, threads): job
+                   for job in jobs}
         for future in as_completed(futures):
             try:
                 _record_done(results, futures[future], future.result(), log)
