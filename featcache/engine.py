@@ -5,6 +5,11 @@ clip -> step, ``save_state``/``load_state`` + ``skip_first_batches`` to resume, 
 evaluate, side effects on the main process only. It never asks which method runs: it only sees the
 :class:`~featcache.methods.DistillTask` and the loss dict it returns.
 
+What people see while it runs (the start and end summaries, the progress bar, a line every ``--log-every`` steps and
+after each evaluation, ``train.log``) is :mod:`featcache.progress`; the trackers of ``--report-to`` are Accelerate's
+(:mod:`featcache.trackers`). Accelerate decides what featcache has no flag for: the processes, and the mixed
+precision unless ``--mixed-precision`` is given.
+
 The teacher is never built here unless ``--online-teacher`` asks for it (then it computes the same targets on
 the same replayed views: the parity check and the speed baseline), or a method builds it itself.
 
