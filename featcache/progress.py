@@ -115,9 +115,7 @@ class Console:
 
     def line(self, text: str) -> None:
         """One line to the console (above the bar) and to the log file."""
-        if self.file is not None:
-            self.file.write(f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}  {text}\n")
-            self.file.flush()
+        self._log(text)
         if self.show and self.bar is not None:
             self.bar.write(text, file=self.stream)
         elif self.show:
@@ -138,9 +136,7 @@ class Console:
 
     def end(self, texts: Iterable[str]) -> None:
         """The bar's last state stays above the closing lines."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self._close_bar()
         self.lines(texts)
 
     def epoch(self, epoch: int) -> None:
@@ -166,10 +162,18 @@ class Console:
         done = step - self.first_step
         return (time.perf_counter() - self.started) / done * (self.total - step) if done > 0 else None
 
-    def close(self) -> None:
+    def _log(self, text: str) -> None:
+        if self.file is not None:
+            self.file.write(f"{datetime.datetime.now().isoformat(sep=' ', timespec='seconds')}  {text}\n")
+            self.file.flush()
+
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def close(self) -> None:
+        self._close_bar()
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -178,8 +182,8 @@ class Console:
         return self
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
-        if error is not None and self.file is not None:
-            self.file.write(f"stopped by {kind.__name__}: {error}\n")
+        if error is not None:  # the console shows the error itself; the log keeps it too
+            self._log(f"stopped by {kind.__name__}: {error}")
         self.close()
 
 

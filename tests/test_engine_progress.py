@@ -263,3 +263,14 @@ def test_a_launch_that_started_one_process_instead_of_several_says_so(cache, tmp
         monkeypatch.setenv(key, value)
     _, _, stderr = train_capturing(config(cache, tmp_path / "alone", max_steps=1, val=None))
     assert "warning  `accelerate launch` started this one process" in stderr and "--multi_gpu" in stderr
+
+
+def test_a_run_that_stops_on_an_error_says_so_in_its_log(cache, tmp_path, monkeypatch):
+    def dies(run, state, meter):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(engine, "after_step", dies)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_capturing(config(cache, tmp_path / "dies", val=None))
+    last = (tmp_path / "dies" / rundir.LOG_FILE).read_text().splitlines()[-1]
+    assert TIMESTAMP.match(last) and last.endswith("stopped by RuntimeError: disk full")
