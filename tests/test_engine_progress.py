@@ -274,3 +274,13 @@ def test_a_run_that_stops_on_an_error_says_so_in_its_log(cache, tmp_path, monkey
         train_capturing(config(cache, tmp_path / "dies", val=None))
     last = (tmp_path / "dies" / rundir.LOG_FILE).read_text().splitlines()[-1]
     assert TIMESTAMP.match(last) and last.endswith("stopped by RuntimeError: disk full")
+
+
+def test_eval_lines_show_the_ema_and_train_lines_the_parts_of_one_method():
+    record = {"kind": "eval", "epoch": 0, "step": 3, "top1": 41.2, "top5": 80.0, "ema_top1": 40.0, "ema_top5": 79.0}
+    assert progress.eval_line(record, 6, 2, 41.2) == (
+        "eval  epoch 1/2  step 3/6  top-1 41.20 %  top-5 80.00 %  EMA top-1 40.00 %  (best top-1 41.20 %)")
+    train = {"kind": "train", "epoch": 1, "step": 4, "loss": 2.0, "ce": 1.0, "vitkd/mimic": 0.5,
+             "vitkd/generation": 0.25, "lr": 5e-4, "images_per_s": 99.6}
+    assert progress.train_line(train, 6, 2, 61.0) == (
+        "epoch 2/2  step 4/6  loss 2 (ce 1, vitkd/mimic 0.5, vitkd/generation 0.25)  lr 5.00e-04  100 img/s  ETA 0:01:01")
