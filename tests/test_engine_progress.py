@@ -282,5 +282,5 @@ def test_eval_lines_show_the_ema_and_train_lines_the_parts_of_one_method():
         "eval  epoch 1/2  step 3/6  top-1 41.20 %  top-5 80.00 %  EMA top-1 40.00 %  (best top-1 41.20 %)")
     train = {"kind": "train", "epoch": 1, "step": 4, "loss": 2.0, "ce": 1.0, "vitkd/mimic": 0.5,
              "vitkd/generation": 0.25, "lr": 5e-4, "images_per_s": 99.6}
-    assert progress.train_line(train, 6, 2, 61.0) == (
-        "epoch 2/2  step 4/6  loss 2 (ce 1, vitkd/mimic 0.5, vitkd/generation 0.25)  lr 5.00e-04  100 img/s  ETA 0:01:01")
+    assert progress.train_line(train, 6, 2, 61.0) == ("epoch 2/2  step 4/6  loss 2 (ce 1, vitkd/mimic 0.5, "
+                                                      "vitkd/generation 0.25)  lr 5.00e-04  100 img/s  ETA 0:01:01")
