@@ -174,7 +174,8 @@ def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tuple[Any, Any, DataLoader]:
-    """The cached views (replayed from their source images) with their targets: ``(dataset, sampler, loader)``."""
+    """The cached views (replayed from their source images, or new ones with ``--fresh-views``) with their targets:
+    ``(dataset, sampler, loader)``."""
     from .datasets import CachedViewDataset, EpochSampler
     from .sources import source_from_manifest
     from .views import Recipe
@@ -183,9 +184,19 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tupl
     source = source_from_manifest(manifest, root=cfg.data)
     dataset = CachedViewDataset(reader, source, Recipe.from_dict(manifest["views"]["recipe"]), needed,
                                 view_policy=cfg.view_policy, label_shots=cfg.label_shots, seed=cfg.seed,
-                                fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher)
+                                fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher,
+                                num_classes=_num_classes(cfg, manifest), label_smoothing=cfg.label_smoothing,
+                                fresh_views=cfg.fresh_views, max_views=_max_views(cfg, manifest))
     sampler = EpochSampler(len(dataset), seed=cfg.seed)
     return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
+
+
+def _max_views(cfg: TrainConfig, manifest: Manifest) -> int | None:
+    """``--max-views``, refused when the cache holds fewer views."""
+    if cfg.max_views is not None and cfg.max_views > manifest.views_per_sample:
+        raise ConfigError(f"--max-views {cfg.max_views}: the cache holds {manifest.views_per_sample} views per sample; "
+                          f"pass at most {manifest.views_per_sample} or extract more with --views")
+    return cfg.max_views
 
 
 def build_eval_loader(cfg: TrainConfig, manifest: Manifest, img_size: int, data_config: dict[str, Any]

@@ -38,7 +38,8 @@ def setting(default: Any, help: str, **cli: Any) -> Any:
             help but not enforced (``--method`` also takes composites). ``toggle``: a ``--x/--no-x`` pair for a
             bool that defaults to False (a bool defaulting to True is always a pair). ``option``, ``multiple``,
             ``metavar``: a differently named, repeatable option. ``none_if``: the option value that means None
-            (``--grad-clip 0``). ``cli=False``: no option (library-only).
+            (``--grad-clip 0``). ``cli=False``: no option (library-only). ``refused``: an option that ``validate``
+            refuses when given (train-time view flags).
 
     Returns:
         A :func:`dataclasses.field`.
@@ -77,7 +78,17 @@ class ExtractConfig:
     scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop scale.")  # DeiT's default area range
     ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "Crop aspect ratios.")
     hflip: float = setting(0.5, "Horizontal flip probability.")
-    color_jitter: float = setting(0.0, "ColorJitter strength (0: off).")
+    color_jitter: float = setting(0.0, "ColorJitter strength (0: off; not with --aa, which replaces it as in timm).")
+    # timm's training-augmentation vocabulary (timm train.py); these define the cached views, see docs/FORMAT.md.
+    aa: str | None = setting(None, "RandAugment policy in timm's vocabulary, e.g. rand-m9-mstd0.5-inc1 (DeiT, ViTKD, "
+                                   "NKD, ScaleKD) [off].")
+    reprob: float = setting(0.0, "Random erasing probability (DeiT: 0.25; 0: off).")
+    remode: str = setting("pixel", "Random erasing fill: pixel (per-pixel noise), rand (per channel), const (the "
+                                   "mean).", choices="featcache.views.erasing:ERASE_MODES")
+    mixup: float = setting(0.0, "Mixup alpha (DeiT: 0.8; 0: off); each stored view is then a mix of two views.")
+    cutmix: float = setting(0.0, "CutMix alpha (DeiT: 1.0; 0: off).")
+    mixup_prob: float = setting(1.0, "Probability that a view is mixed, with --mixup or --cutmix.")
+    mixup_switch_prob: float = setting(0.5, "Probability of CutMix instead of Mixup when both are on.")
     format: str = setting("zarr", "Store backend.", choices=STORE_FORMATS)
     dtype: str = setting("fp16", "Stored float type of the features and logits.", choices=FLOAT_DTYPES)
     codec: str = setting("none", "Target codec (see docs/FORMAT.md).")
@@ -100,6 +111,16 @@ class ExtractConfig:
             raise ConfigError(f"--views must be >= 1, got {self.views}")
         if not self.layers:
             raise ConfigError("--layers must name at least one teacher block, e.g. --layers 0,1,11")
+
+
+#: Why ``featcache train`` refuses the view flags of ``featcache extract`` (see :meth:`TrainConfig.validate`).
+VIEWS_ARE_CACHED = ("the cached teacher targets are for the views recorded at extraction, so a different train-time "
+                    "augmentation would feed the student inputs the teacher never saw")
+
+
+def refused() -> Any:
+    """A train-time field named like a view flag of ``extract``, refused by ``validate`` with the reason if given."""
+    return setting(None, "Refused: views are fixed at extraction; pass it to `featcache extract`.", refused=True)
 
 
 @dataclass
@@ -154,10 +175,14 @@ class TrainConfig:
     label_shots: int | None = setting(None, "Keep labels for this many samples per class [all].")
     view_policy: str = setting("cycle", "cycle: view = (epoch + per-sample offset) mod K; random: uniform per epoch "
                                         "and sample.", choices="featcache.datasets:VIEW_POLICIES")
+    max_views: int | None = setting(None, "Use only the first K stored views of each sample: the views a K-view "
+                                          "extraction writes (views are f(seed, sample, view)) [all].")
     fingerprint_checks: int | None = setting(None, "Check only a seeded sample of this many replayed views per "
                                                    "epoch against their stored fingerprint (0: none) [every view].")
     online_teacher: bool = setting(False, "Compute the targets with the live teacher on the same replayed views "
                                           "(parity check and speed baseline) instead of reading the cache.")
+    fresh_views: bool = setting(False, "With --online-teacher: draw new views every epoch from (seed, epoch, sample) "
+                                       "with the cache's recipe, mixes included (true online distillation).")
     # Accelerate's own list also has fp8, which needs hardware and kernels featcache does not test.
     mixed_precision: str | None = setting(None, "Accelerate mixed precision [Accelerate's: `accelerate launch "
                                                 "--mixed_precision` or its config file, else no].",
@@ -177,6 +202,17 @@ class TrainConfig:
                                         "refused before step 0.")
     cache_dtype: str | None = setting(None, "Expected storage dtype of the cache (e.g. fp32 for parity runs).",
                                       choices=FLOAT_DTYPES)
+    scale: tuple[float, float] | None = refused()
+    ratio: tuple[float, float] | None = refused()
+    hflip: float | None = refused()
+    color_jitter: float | None = refused()
+    aa: str | None = refused()
+    reprob: float | None = refused()
+    remode: str | None = refused()
+    mixup: float | None = refused()
+    cutmix: float | None = refused()
+    mixup_prob: float | None = refused()
+    mixup_switch_prob: float | None = refused()
 
     def validate(self) -> None:
         """Refuse settings no training can run with, before the cache or any model is opened.
@@ -188,6 +224,22 @@ class TrainConfig:
             raise ConfigError("train needs --cache PATH (made by `featcache extract`)")
         if self.epochs < 1:  # --max-steps only cuts a run short; the epochs still bound the schedule
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        given = [f"--{f.name.replace('_', '-')} {_option_text(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                 if "refused" in f.metadata and getattr(self, f.name) is not None]
+        if given:
+            raise ConfigError(f"train does not take {', '.join(given)}: {VIEWS_ARE_CACHED}. Extract a cache with "
+                              f"those views instead (`featcache extract {' '.join(given)} ...`); --online-teacher "
+                              "--fresh-views draws new views with the cache's recipe")
+        if self.max_views is not None and self.max_views < 1:
+            raise ConfigError(f"--max-views must be >= 1, got {self.max_views}")
+        if self.fresh_views and not self.online_teacher:
+            raise ConfigError("--fresh-views needs --online-teacher: the cache holds targets only for its stored "
+                              "views, so new views need the teacher to run on them")
+
+
+def _option_text(value: Any) -> str:
+    """A value as it is typed on the command line (``(0.5, 1.0)`` -> ``0.5 1.0``)."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 #: L2 strengths the linear probe tries on the held-out part of the training features.

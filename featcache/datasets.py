@@ -9,7 +9,11 @@ View policy (how epochs draw from the K stored views of each sample; only *valid
                 different views in the same epoch.
     ``random``  view drawn uniformly from ``default_rng([seed, epoch, sample])``: independent per epoch.
 Both depend on ``(seed, epoch, sample)`` only, never on workers or batch order, so a resumed run and a run on
-more processes see the same (sample, view) pairs.
+more processes see the same (sample, view) pairs. ``max_views`` restricts both to the first K stored views.
+
+Mixed views (Mixup / CutMix) replay both components, the sample's and its partner's, and their label is timm's
+soft ``mixup_target`` (:func:`featcache.views.mix_target`). ``fresh_views`` (``--online-teacher --fresh-views``)
+draws a new view per epoch from ``(seed, epoch, sample)`` instead of replaying a stored one.
 
 Replay drift: every replayed item is re-fingerprinted and compared with the CRC-32 stored at extraction (a
 CRC-32 of a 224 px view costs tens of microseconds); ``fingerprint_checks=N`` checks a seeded sample of N items per
@@ -29,7 +33,8 @@ from torch.utils.data import Dataset, Sampler
 from .errors import ConfigError, DecodeError, ReplayDriftError
 from .sources import ImageSource
 from .stores.base import StoreReader
-from .views import Recipe, eval_recipe, fingerprint, make_view, replay, sample_params
+from .views import (Recipe, draw_view, eval_recipe, fingerprint, fresh_view_seed, make_view, mix_target, replay,
+                    sample_params)
 
 VIEW_POLICIES = ("cycle", "random")
 
@@ -50,15 +55,15 @@ class ViewDataset(Dataset):
         row = self.rows[i]
         sample, view = divmod(row, self.views)
         item = {"row": row, "sample": sample, "view": view, "label": self.source.items[sample].label, "error": ""}
-        try:
-            image = self.source.load(sample)
+        try:  # a mixed view also decodes its partner (a sample position drawn from the view's seed)
+            v = make_view(self.source.load(sample), self.recipe, self.seed, sample, view, len(self.source),
+                          self.source.load)
         except DecodeError as err:  # reported by the main process, which names the file or records the skip
             size = self.recipe.img_size
             reason = f"{type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else str(err)
             return dict(item, image=torch.zeros(3, size, size, dtype=torch.uint8), seed=0, valid=0, fingerprint=0,
                         params=np.zeros(len(self.recipe.param_names)), error=reason, path=err.path,
                         relpath=err.relpath or self.source.items[sample].relpath)
-        v = make_view(image, self.recipe, self.seed, sample, view)
         return dict(item, image=v.image, seed=v.seed, params=v.params, fingerprint=v.fingerprint, valid=1, path="",
                     relpath="")
 
@@ -127,23 +132,35 @@ class CachedViewDataset(Dataset):
         fingerprint_checks: None checks every item's replay against the stored fingerprint; N checks a seeded
             sample of N items per epoch (0: none).
         with_targets: read cached targets (False for ``--online-teacher``, which computes them).
+        num_classes: classes of the soft label targets of a mixed recipe (the student's).
+        label_smoothing: smoothing of those soft targets (a mixed recipe's labels are timm's ``mixup_target``).
+        fresh_views: draw a new view per epoch (`fresh_view_seed`) instead of replaying a stored one; no targets.
+        max_views: use only stored views ``0 .. max_views - 1`` of each sample (``None``: all).
     """
 
     def __init__(self, reader: StoreReader, source: ImageSource, recipe: Recipe, targets: list[str],
                  view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
-                 fingerprint_checks: int | None = None, with_targets: bool = True):
+                 fingerprint_checks: int | None = None, with_targets: bool = True, num_classes: int | None = None,
+                 label_smoothing: float = 0.0, fresh_views: bool = False, max_views: int | None = None):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
+        if recipe.mix is not None and not num_classes:
+            raise ValueError("a mixed recipe's labels are soft targets: pass num_classes")
+        if fresh_views and with_targets:
+            raise ValueError("fresh views have no cached targets: pass with_targets=False (the teacher runs online)")
         self.reader, self.source, self.recipe = reader, source, recipe
         self.targets = list(targets) if with_targets else []
         self.view_policy, self.seed, self.fingerprint_checks = view_policy, seed, fingerprint_checks
+        self.num_classes, self.label_smoothing, self.fresh_views = num_classes, label_smoothing, fresh_views
         rec = reader.records()
         self.params = np.asarray(rec["params"], dtype=np.float64)
         self.fingerprints = np.asarray(rec["fingerprint"], dtype=np.int64)
-        self.rows_of, self.samples, labels = _valid_rows(rec, reader.manifest.views_per_sample)
+        self.rows_of, self.samples, labels = _valid_rows(rec, reader.manifest.views_per_sample, max_views)
         keep = labelled_mask(labels, label_shots)
         self.labels = np.where(keep, labels, -1)
         self.drift = environment_drift(reader.manifest.get("versions", {}))
+        self.sample_labels = np.full(len(source), -1, dtype=np.int64)  # by sample position: a partner's label
+        self.sample_labels[self.samples] = self.labels
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -160,11 +177,16 @@ class CachedViewDataset(Dataset):
         return choose_view(self.view_policy, self.rows_of[index], self.epoch, sample, self.seed)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.fresh_views:
+            return self.fresh_item(index)
         sample, row = self.samples[index], self.row_of(index)
-        image = replay(self.load(sample, row), self.recipe, self.params[row])
+        params = self.params[row]
+        partner = self.recipe.partner_of(params)  # a mixed view: its partner's image is replayed too
+        image = replay(self.load(sample, row), self.recipe, params,
+                       None if partner is None else self.load(partner, row))
         if self.checked is None or index in self.checked:
             self.check_fingerprint(sample, row, image)
-        out: dict[str, Any] = {"image": image, "label": int(self.labels[index]), "row": row, "sample": sample}
+        out: dict[str, Any] = {"image": image, "label": self.label(index, params), "row": row, "sample": sample}
         if self.targets:
             # np.require copies only a read-only row (an fp32 pass-through of the reader's buffer).
             out["targets"] = {k: torch.from_numpy(np.require(v, np.float32, ["W"]))
@@ -180,6 +202,23 @@ class CachedViewDataset(Dataset):
                               fix=f"cache row {row} was extracted from it, so it changed since extraction or --data "
                                   "points at another copy of the images; restore the file, or re-extract the cache"
                               ) from None
+
+    def fresh_item(self, index: int) -> dict[str, Any]:
+        """``--fresh-views``: a view drawn for this epoch from ``(seed, epoch, sample)`` with the cache's recipe."""
+        sample = self.samples[index]
+        view = draw_view(self.source.load(sample), self.recipe, fresh_view_seed(self.seed, self.epoch, sample), sample,
+                         len(self.source), self.source.load)
+        return {"image": view.image, "label": self.label(index, view.params), "row": -1, "sample": sample}
+
+    def label(self, index: int, params: np.ndarray) -> int | torch.Tensor:
+        """The hard label of item ``index``, or for a mixed recipe the lambda-mixed smoothed one-hot of its view."""
+        if self.recipe.mix is None:
+            return int(self.labels[index])
+        _, mix, _ = self.recipe.split(params)
+        partner = self.recipe.partner_of(params)
+        partner_label = -1 if partner is None else int(self.sample_labels[partner])
+        return mix_target(int(self.labels[index]), partner_label, float(mix[1]), self.num_classes,
+                          self.label_smoothing)
 
     def check_fingerprint(self, sample: int, row: int, image: torch.Tensor) -> None:
         """Raise :class:`ReplayDriftError` if the replayed ``image`` is not the view the teacher saw."""
@@ -219,13 +258,16 @@ def drift_cause(drift: list[str]) -> str:
             "differently)")
 
 
-def _valid_rows(records: dict[str, np.ndarray], views: int) -> tuple[list[list[int]], list[int], np.ndarray]:
-    """Per sample position: its valid rows (``row = sample * K + view``); samples without one are dropped."""
+def _valid_rows(records: dict[str, np.ndarray], views: int, max_views: int | None = None
+                ) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """Per sample position: its valid rows (``row = sample * K + view``, ``view < max_views``); samples without one
+    are dropped."""
     valid = np.asarray(records["valid"]).astype(bool)
     labels = np.asarray(records["label"], dtype=np.int64)
     rows_of, samples, sample_labels = [], [], []
+    used = min(views, max_views or views)
     for s in range(len(valid) // views):
-        rows = [s * views + v for v in range(views) if valid[s * views + v]]
+        rows = [s * views + v for v in range(used) if valid[s * views + v]]
         if rows:
             rows_of.append(rows)
             samples.append(s)

@@ -238,6 +238,8 @@ def _costs(cfg: TrainConfig, task: torch.nn.Module, accelerator: Accelerator) ->
         "cache-only: no teacher compute at train time"]
     if cfg.online_teacher:
         costs.append("--online-teacher: a full teacher forward runs on every batch (no cache targets are read)")
+    if cfg.fresh_views:
+        costs.append("--fresh-views: new views every epoch from (seed, epoch, sample) with the cache's recipe")
     return costs
 
 

@@ -15,7 +15,7 @@ import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from .stores import StoreWriter, create_writer
 from .stores.encodings import array_specs, encode_targets, targets_section
 from .stores.precision import check_storable
 from .teachers import Teacher, load_teacher
-from .views import Recipe, default_recipe, normalize
+from .views import Mix, Recipe, default_recipe, normalize
+from .views.erasing import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -55,13 +56,14 @@ def teacher_layers(layers: list[int], teacher: Teacher) -> list[int]:
 def versions() -> dict[str, str]:
     """Library versions recorded in the manifest (informational, not part of the cache identity)."""
     import numcodecs
+    import PIL
     import timm
     import torchvision
     import zarr
 
     return {"featcache": __version__, "timm": timm.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def storage_section(cfg: ExtractConfig) -> dict[str, Any]:
@@ -104,6 +106,27 @@ def build_manifest(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, in
 
 
 # ------------------------------------------------------------------------------------------------ views
+
+
+def view_recipe(cfg: ExtractConfig, img_size: int, norm: Mapping[str, Any]) -> Recipe:
+    """The views ``cfg`` asks for, at ``img_size``, with the teacher's normalisation ``norm`` (``mean``, ``std``,
+    ``interpolation``): RandAugment fills with its mean and erasing noise is drawn in its normalised space.
+
+    Raises:
+        ConfigError: naming the view flags no recipe can be built from.
+    """
+    try:
+        mix = (Mix(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob) if cfg.mixup > 0 or cfg.cutmix > 0
+               else None)
+        return default_recipe(img_size, cfg.scale, cfg.ratio, cfg.hflip, cfg.color_jitter, norm["interpolation"],
+                              aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode, mean=norm["mean"], std=norm["std"],
+                              mix=mix)
+    except ValueError as err:
+        raise ConfigError(f"view flags: {err}") from None
+
+
+#: Stand-in normalisation for checking the view flags before the teacher (and its own normalisation) is loaded.
+_CHECK_NORM = {"interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def iter_units(loader: DataLoader, manifest: Manifest, skip_corrupt: bool) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -159,8 +182,7 @@ def prepare(cfg: ExtractConfig, device: torch.device) -> tuple[Teacher, ImageSou
     teacher = load_teacher(cfg.teacher, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size,
                            num_classes=cfg.num_classes, device=device, **cfg.teacher_kwargs)
     img_size = cfg.img_size or int(teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    interp = teacher.data_config(img_size)["interpolation"]
-    recipe = default_recipe(img_size, cfg.scale, cfg.ratio, cfg.hflip, cfg.color_jitter, interpolation=interp)
+    recipe = view_recipe(cfg, img_size, teacher.data_config(img_size))
     layers = teacher_layers(cfg.layers, teacher)
     manifest = build_manifest(cfg, teacher, source, indices, recipe, layers,
                               target_shapes(teacher, layers, img_size, device))
@@ -181,6 +203,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None
         LockedError: another process is extracting into ``cfg.out`` (its PID is named).
     """
     cfg.validate()
+    view_recipe(cfg, cfg.img_size or 224, _CHECK_NORM)  # bad view flags fail before the teacher loads
     with locks.hold(lock_file(cfg.out), cfg.out, "featcache extract"):
         return _extract(cfg, progress, max_units)
 

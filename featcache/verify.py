@@ -73,10 +73,17 @@ class _Check:
         return cls(reader, teacher_from_manifest(m, device=dev), dev, source_from_manifest(m, root=data_root),
                    Recipe.from_dict(m["views"]["recipe"]), reader.records(), ErrorMeter(list(m["targets"])))
 
+    def replay(self, row: int) -> torch.Tensor:
+        """The stored view ``row`` rebuilt from its source image (and its partner's, for a mixed view)."""
+        params = self.records["params"][row]
+        partner = self.recipe.partner_of(params)
+        return replay(self.source.load(int(self.records["sample"][row])), self.recipe, params,
+                      None if partner is None else self.source.load(partner))
+
     def chunk(self, rows: list[int]) -> list[int]:
         """Replay and recompute ``rows``, add their errors to the meter; return the rows whose replay drifted."""
         m, rec = self.reader.manifest, self.records
-        views = [replay(self.source.load(int(rec["sample"][r])), self.recipe, rec["params"][r]) for r in rows]
+        views = [self.replay(r) for r in rows]
         fresh = compute_targets(self.teacher, torch.stack(views), m, self.device)
         for i, row in enumerate(rows):
             cached = self.reader.read_row(row)

@@ -32,9 +32,10 @@ from .base import METHODS, Method, MethodContext, StudentOutput
 
 
 def nkd_target_index(labels: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
-    """Target class per row: argmax of soft labels, the hard label, or the teacher's argmax where label is -1."""
+    """Target class per row: argmax of soft labels, the hard label, or the teacher's argmax where the row is unlabelled
+    (label -1, or an all-zero soft row)."""
     if labels.ndim > 1:
-        return labels.argmax(dim=1)
+        return torch.where(labels.sum(dim=1) > 0, labels.argmax(dim=1), logits_t.argmax(dim=1))
     labels = labels.long()
     return torch.where(labels >= 0, labels, logits_t.argmax(dim=1))
 

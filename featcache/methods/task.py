@@ -88,7 +88,7 @@ class DistillTask(nn.Module):
     """The one trainable module: student + every method's adapters, summing weighted method losses.
 
     The label term is shared, not per method: ``ce_weight * CE(logits, labels, label_smoothing)`` with
-    ``labels == -1`` ignored (unlabelled views). Teacher targets come from the batch, never from a teacher.
+    ``labels == -1`` ignored (unlabelled views), or soft-target CE for the soft labels of mixed views. Teacher targets come from the batch, never from a teacher.
     Only this module is wrapped for distributed training (as timm's distillation task wraps student + adapters).
     """
 
@@ -121,8 +121,16 @@ class DistillTask(nn.Module):
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over labelled views only (``label == -1`` means unlabelled); 0 when none is labelled."""
+    """Cross-entropy over labelled views only; 0 when none is labelled.
+
+    ``labels`` are class indices [B] (``-1``: unlabelled, ``label_smoothing`` applied here) or the soft targets
+    [B, C] of mixed views (timm's ``SoftTargetCrossEntropy``: the smoothing is already in them; an all-zero row is
+    unlabelled).
+    """
     # Sum over labelled rows / their count, not boolean indexing: no device->host sync in the training step.
+    if labels.ndim == 2:
+        total = -(labels * F.log_softmax(logits.float(), dim=1)).sum()
+        return total / (labels.sum(dim=1) > 0).sum().clamp_min(1)
     total = F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=label_smoothing, reduction="sum")
     return total / (labels >= 0).sum().clamp_min(1)
 

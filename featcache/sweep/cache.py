@@ -70,13 +70,12 @@ def _layers(layers: list[int], num_blocks: Any) -> list[int]:
 
 def _view_recipe(extract: ExtractConfig, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
     """The view recipe ``extract`` would record, built from the manifest's geometry (no teacher needed)."""
-    from ..views import default_recipe
+    from ..extract import view_recipe
 
-    interpolation = manifest.get("normalization", {}).get("interpolation")
-    if interpolation is None or manifest.get("img_size") is None:
+    norm = manifest.get("normalization", {})
+    if norm.get("interpolation") is None or manifest.get("img_size") is None:
         return manifest.get("views", {}).get("recipe")  # nothing to compare against: not a mismatch
-    recipe = default_recipe(int(extract.img_size or manifest["img_size"]), extract.scale, extract.ratio, extract.hflip,
-                            extract.color_jitter, interpolation=interpolation)
+    recipe = view_recipe(extract, int(extract.img_size or manifest["img_size"]), norm)
     return json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as the manifest stores them
 
 
