@@ -86,6 +86,9 @@ class ExtractConfig:
     batch_size: int = setting(64, "Views per loader batch.")
     workers: int = setting(2, "DataLoader worker processes.")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1 ...")
+    autocast: str = setting("none", "Teacher compute: none (exact fp32, the reproducible mode) or bf16 autocast "
+                                    "(faster on GPUs; targets move by ~bf16 rounding, see docs/FORMAT.md).",
+                            choices=("none", "bf16"))
     overwrite: bool = setting(False, "Delete an existing cache at --out and start afresh.")
     skip_corrupt: bool = setting(False, "Skip unreadable images (zeros, valid=0, listed in the manifest) instead of "
                                         "stopping with the file named.")
