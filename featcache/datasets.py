@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 from .errors import ConfigError, DecodeError, ReplayDriftError
 from .sources import ImageSource
 from .stores.base import StoreReader
+from .stores.encodings import stored_names
 from .views import Recipe, eval_recipe, fingerprint, make_view, replay, sample_params
 
 VIEW_POLICIES = ("cycle", "random")
@@ -127,15 +128,19 @@ class CachedViewDataset(Dataset):
         fingerprint_checks: None checks every item's replay against the stored fingerprint; N checks a seeded
             sample of N items per epoch (0: none).
         with_targets: read cached targets (False for ``--online-teacher``, which computes them).
+        decode: ``workers``: items carry decoded float32 ``targets``; ``device``: items carry the ``stored`` arrays
+            as read (compact: fp16, int8, pca bytes), for the training loop to decode on its device.
     """
 
     def __init__(self, reader: StoreReader, source: ImageSource, recipe: Recipe, targets: list[str],
                  view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
-                 fingerprint_checks: int | None = None, with_targets: bool = True):
+                 fingerprint_checks: int | None = None, with_targets: bool = True, decode: str = "workers"):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
         self.reader, self.source, self.recipe = reader, source, recipe
         self.targets = list(targets) if with_targets else []
+        self.decode = decode
+        self.stored = stored_names(reader.manifest, self.targets) if self.targets else []
         self.view_policy, self.seed, self.fingerprint_checks = view_policy, seed, fingerprint_checks
         rec = reader.records()
         self.params = np.asarray(rec["params"], dtype=np.float64)
@@ -165,7 +170,9 @@ class CachedViewDataset(Dataset):
         if self.checked is None or index in self.checked:
             self.check_fingerprint(sample, row, image)
         out: dict[str, Any] = {"image": image, "label": int(self.labels[index]), "row": row, "sample": sample}
-        if self.targets:
+        if self.targets and self.decode == "device":
+            out["stored"] = {k: _tensor(v) for k, v in self.reader.read_stored_row(row, self.stored).items()}
+        elif self.targets:
             # np.require copies only a read-only row (an fp32 pass-through of the reader's buffer).
             out["targets"] = {k: torch.from_numpy(np.require(v, np.float32, ["W"]))
                               for k, v in self.reader.read_row(row, self.targets).items()}
@@ -217,6 +224,12 @@ def drift_cause(drift: list[str]) -> str:
     return ("the image file changed on disk since extraction, or --data points at a different copy of the dataset "
             "(with the same torch/torchvision as at extraction, only a different Pillow/libjpeg could also decode it "
             "differently)")
+
+
+def _tensor(stored: np.ndarray) -> torch.Tensor:
+    """A stored array as a writable tensor; uint16 (bf16 bits) as int16, which every torch op and collate handles."""
+    stored = stored.view(np.int16) if stored.dtype == np.uint16 else stored
+    return torch.from_numpy(np.require(stored, requirements=["W"]))
 
 
 def _valid_rows(records: dict[str, np.ndarray], views: int) -> tuple[list[list[int]], list[int], np.ndarray]:

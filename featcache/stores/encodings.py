@@ -40,8 +40,8 @@ from ..errors import CacheError, ConfigError
 from ..manifest import is_block
 from ..registry import Registry
 from .codecs import parse_lossless
-from .lossy import (bitround, int8_decode, int8_encode, pca_bound, pca_decode, pca_encode, pca_fit, topk_dense,
-                    topk_encode, topk_probs)
+from .lossy import (bitround, int8_decode, int8_encode, pca_bound, pca_decode, pca_encode, pca_fit,
+                    pca_zigzag_table, topk_dense, topk_encode, topk_probs)
 from .precision import (MANTISSA_BITS, MIN_NORMAL_EXPONENT, UNIT_ROUNDOFF, VERIFY_RTOL, from_storage,
                         rounding_bound, rounding_floor, storage_dtype, to_storage)
 
@@ -104,6 +104,12 @@ class Encoding(ABC):
     def decode(self, name: str, stored: Mapping[str, np.ndarray], shape: Sequence[int]) -> np.ndarray:
         """Stored arrays -> logical float32 values; ``shape`` is the target's per-row shape."""
 
+    def decode_torch(self, name: str, stored: Mapping[str, Any], shape: Sequence[int]) -> Any:
+        """:meth:`decode` in torch, on the stored arrays' device (batched [n, ...]): the training loop copies the
+        stored bytes to the GPU and decodes there (``--decode device``). The default decodes on the host."""
+        host = {k: v.cpu().numpy() for k, v in stored.items()}
+        return _torch().from_numpy(self.decode(name, host, shape)).to(next(iter(stored.values())).device)
+
     def bound(self, reference: np.ndarray) -> np.ndarray:
         """The stated per-element absolute error bound for encoding ``reference``."""
         raise ConfigError(f"encoding {self.name!r} has no element-wise error bound")
@@ -140,6 +146,12 @@ class Float(Encoding):
 
     def decode(self, name: str, stored: Mapping[str, np.ndarray], shape: Sequence[int]) -> np.ndarray:
         return from_storage(stored[name], self.spec["dtype"])
+
+    def decode_torch(self, name: str, stored: Mapping[str, Any], shape: Sequence[int]) -> Any:
+        torch, x = _torch(), stored[name]
+        if self.spec["dtype"] == "bf16":  # the upper half of a float32 (uint16 arrives as int16 or uint16)
+            return ((x.to(torch.int32) & 0xFFFF) << 16).view(torch.float32)
+        return x.float()
 
     def bound(self, reference: np.ndarray) -> np.ndarray:
         return rounding_bound(reference, self.spec["dtype"])
@@ -216,6 +228,9 @@ class Int8(Encoding):
     def decode(self, name: str, stored: Mapping[str, np.ndarray], shape: Sequence[int]) -> np.ndarray:
         return int8_decode(stored[name], stored[f"{name}__scale"])
 
+    def decode_torch(self, name: str, stored: Mapping[str, Any], shape: Sequence[int]) -> Any:
+        return stored[name].float() * stored[f"{name}__scale"].float()[..., None, :]
+
     def bound(self, reference: np.ndarray) -> np.ndarray:
         scale = np.abs(np.asarray(reference, dtype=np.float64)).max(axis=-2) / 127.0
         return scale[..., None, :] / 2 * (1 + 1e-6) + 1e-30
@@ -260,6 +275,12 @@ class TopK(Encoding):
         return {"leftover_mean": float(leftover.mean()), "leftover_max": float(leftover.max()), "rows": len(values)}
 
 
+def _torch() -> Any:
+    import torch  # only decode_torch needs it: the stores stay importable (and `featcache --help` fast) without it
+
+    return torch
+
+
 def _topk_index_dtype(classes: int) -> str:
     return "int16" if classes <= np.iinfo(np.int16).max else "int32"
 
@@ -280,6 +301,7 @@ class Pca(Encoding):
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
+        self._device_codebooks: dict[Any, tuple[Any, Any, Any]] = {}
         if "basis" in spec:  # decoded once per process: the reader keeps one Encoding per target
             self.mean, self.basis = unpack_array(spec["mean"]), unpack_array(spec["basis"])
             self.basis_t = np.ascontiguousarray(self.basis.T)
@@ -325,6 +347,21 @@ class Pca(Encoding):
         self._check_fitted(name)
         packed = stored[name]
         return pca_decode(packed[..., :-1, :], packed[..., -1, :], self.mean, self.basis_t, self.delta)
+
+    def decode_torch(self, name: str, stored: Mapping[str, Any], shape: Sequence[int]) -> Any:
+        self._check_fitted(name)
+        torch, packed = _torch(), stored[name]
+        lut, mean, basis_t = self._on(packed.device)
+        steps = torch.exp2(packed[..., -1, :].float()) * self.delta
+        return (lut[packed[..., :-1, :].long()] * steps[..., None, :]) @ basis_t + mean
+
+    def _on(self, device: Any) -> tuple[Any, Any, Any]:
+        """The zigzag table and the codebook as float32 tensors on ``device``, moved there once."""
+        if device not in self._device_codebooks:
+            torch = _torch()
+            self._device_codebooks[device] = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (
+                pca_zigzag_table(), self.mean, self.basis_t))
+        return self._device_codebooks[device]
 
     def bound(self, reference: np.ndarray) -> np.ndarray:
         return pca_bound(reference, self.mean, self.basis, self.delta)

@@ -78,6 +78,11 @@ PCA_QMAX = 127
 _UNZIGZAG = np.where(np.arange(256) & 1, -((np.arange(256) + 1) >> 1), np.arange(256) >> 1).astype(np.float32)
 
 
+def pca_zigzag_table() -> np.ndarray:
+    """The 256 zigzag bytes as the coefficients they stand for, in steps (float32)."""
+    return _UNZIGZAG.copy()
+
+
 def pca_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Fit sample [n, T, D] -> (per-token mean [T, D], orthonormal basis [D, D], rms of ``x``), float32.
 
