@@ -24,15 +24,20 @@ from torch.utils.data import DataLoader
 from . import __version__, locks
 from .config import ExtractConfig
 from .datasets import ViewDataset
-from .errors import ConfigError, DecodeError
+from .errors import CacheError, ConfigError, DecodeError
 from .manifest import FORMAT_VERSION, Manifest
 from .models import resolve_device, resolve_layers
 from .sources import ImageSource, open_source, select_subset, source_manifest_entry
-from .stores import StoreWriter, create_writer
-from .stores.encodings import array_specs, encode_targets, targets_section
+from .stores import StoreWriter, create_writer, open_reader
+from .stores.encodings import (array_specs, encode_with, encoding, fit_sample_rows, fit_targets, measure_error,
+                               targets_section, unfitted)
 from .stores.precision import check_storable
 from .teachers import Teacher, load_teacher
 from .views import Recipe, default_recipe, normalize
+
+
+#: Views per teacher forward while fitting a codebook (fixed: the codebook must not depend on ``--batch-size``).
+FIT_BATCH = 64
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -200,7 +205,7 @@ def write_unit(writer: StoreWriter, manifest: Manifest, unit: int, cols: dict[st
         value[invalid] = 0
     check_storable(targets, manifest["storage"]["dtype"])  # before encoding: fp16 range, finiteness
     records = {k: cols[k] for k in ("sample", "view", "label", "seed", "params", "fingerprint", "valid")}
-    writer.write_unit(unit, encode_targets(targets, manifest["storage"]), records, skipped=cols["skipped"])
+    writer.write_unit(unit, encode_with(targets, manifest), records, skipped=cols["skipped"])
 
 
 def prepare(cfg: ExtractConfig, device: torch.device) -> tuple[Teacher, ImageSource, Manifest]:
@@ -217,6 +222,59 @@ def prepare(cfg: ExtractConfig, device: torch.device) -> tuple[Teacher, ImageSou
     manifest = build_manifest(cfg, teacher, source, indices, recipe, layers,
                               target_shapes(teacher, layers, img_size, device))
     return teacher, source.subset(indices), manifest
+
+
+def fit_codebooks(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, manifest: Manifest,
+                  device: torch.device) -> Manifest:
+    """The manifest with the codebooks of fitted encodings (``--codec pca``).
+
+    A resume keeps the codebook of the cache at ``cfg.out`` (its units were encoded with it); otherwise the teacher
+    runs on :data:`~featcache.stores.encodings.FIT_ROWS` views spread over the cache, :data:`FIT_BATCH` at a time
+    whatever ``--batch-size`` is, so the codebook (and so the cache's bytes) does not depend on the batch size.
+    """
+    names = unfitted(manifest["targets"])
+    existing = None if cfg.overwrite or not names else _existing_targets(cfg.out)
+    out = manifest.copy()
+    if existing is not None and all(n in existing and not unfitted({n: existing[n]}) for n in names):
+        out["targets"] = {**out["targets"], **{n: existing[n] for n in names}}
+    elif names:
+        out["targets"] = _fitted(manifest["targets"], _fit_sample(cfg, teacher, source, manifest, device, names))
+    return out
+
+
+def _fitted(targets: dict[str, Any], sample: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``targets`` with codebooks fitted on ``sample`` and the error they give on it (what ``featcache info``
+    reports until a ``verify`` measures more)."""
+    out = fit_targets(targets, sample)
+    for name, values in sample.items():
+        enc = encoding(out[name]["encoding"])
+        decoded = enc.decode(name, enc.encode(name, values), out[name]["shape"])
+        out[name]["measured_error"] = dict(measure_error(values, decoded), rows=len(values),
+                                           reference="teacher targets of the codebook's fit views")
+    return out
+
+
+def _fit_sample(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, manifest: Manifest, device: torch.device,
+                names: list[str]) -> dict[str, np.ndarray]:
+    rows = fit_sample_rows(np.ones(manifest.num_rows, dtype=np.uint8))
+    dataset = ViewDataset(source, Recipe.from_dict(manifest["views"]["recipe"]), manifest["views"]["seed"],
+                          manifest.views_per_sample, rows, skip_corrupt=True)  # unreadable views: left out of the fit
+    loader = DataLoader(dataset, batch_size=FIT_BATCH, num_workers=cfg.workers, collate_fn=_collate_list)
+    sample: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in loader:
+        valid = np.asarray(batch["valid"]) == 1
+        targets = compute_targets(teacher, batch["image"], manifest, device)
+        for name in names:
+            sample[name].append(targets[name][valid])
+    return {name: np.concatenate(parts) for name, parts in sample.items()}
+
+
+def _existing_targets(path: str) -> dict[str, Any] | None:
+    """The ``targets`` section of a cache already at ``path`` (None when there is none)."""
+    try:
+        return open_reader(path, require_complete=False).manifest["targets"]
+    except CacheError:
+        return None
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None = None) -> str:
@@ -246,6 +304,7 @@ def lock_file(out: str | os.PathLike) -> Path:
 def _extract(cfg: ExtractConfig, progress: bool, max_units: int | None) -> str:
     device = resolve_device(cfg.device)
     teacher, source, manifest = prepare(cfg, device)
+    manifest = fit_codebooks(cfg, teacher, source, manifest, device)
     writer = create_writer(cfg.out, manifest, format=cfg.format, overwrite=cfg.overwrite)
     manifest = writer.manifest
     if manifest.complete:

@@ -103,3 +103,23 @@ def test_teacher_rejects_unknown_autocast():
                            autocast="fp8", **TINY_VIT_TEACHER)
     with pytest.raises(ValueError, match="autocast"):
         teacher.targets(torch.zeros(1, 3, 32, 32), [0])
+
+
+# ---------------------------------------------------------------------------------------------- compact at extraction
+
+def test_extract_fits_the_pca_codebook_and_resumes_with_it(data, tmp_path):
+    once = run_extract(_cfg(data, tmp_path / "once", dtype="fp16", codec="pca:0.3"), progress=False)
+    m = open_reader(once).manifest
+    for name in ("block_0", "block_3"):
+        enc = m["targets"][name]["encoding"]
+        assert enc["kind"] == "pca" and enc["fit_rows"] == m.num_rows  # fewer views than FIT_ROWS: all of them
+        err = m["targets"][name]["measured_error"]
+        assert 0 < err["rel_l2"] < 0.3 / np.sqrt(12) * 1.05 and err["rows"] == m.num_rows
+    cfg = _cfg(data, tmp_path / "twice", dtype="fp16", codec="pca:0.3", batch_size=3)
+    run_extract(cfg, progress=False, max_units=1)
+    run_extract(cfg, progress=False)  # resumed: the codebook comes from the cache, not a new fit
+    twice = open_reader(tmp_path / "twice").manifest
+    assert twice["targets"] == m["targets"]
+    a, b = _stored(once), _stored(tmp_path / "twice")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)  # and bytes do not depend on the batch size
+    assert verify_cache(once, samples=4, device="cpu")["ok"]

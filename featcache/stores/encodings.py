@@ -520,6 +520,16 @@ def encode_targets(targets: Mapping[str, np.ndarray], storage: Mapping[str, Any]
     return out
 
 
+def encode_with(targets: Mapping[str, np.ndarray], manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Logical float32 targets [n, ...] -> stored arrays, with the encodings ``manifest["targets"]`` records (fitted
+    codebooks included; :func:`encode_targets` derives unfitted ones from the storage settings)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in targets.items():
+        entry = manifest["targets"][name]
+        out.update(encode_target(name, value, entry["encoding"], classes=int(entry["shape"][-1])))
+    return out
+
+
 def decode_target(name: str, stored: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> np.ndarray:
     """Stored arrays -> one logical float32 target; ``entry`` is ``manifest["targets"][name]``."""
     return encoding(entry["encoding"]).decode(name, stored, entry.get("shape", ()))
