@@ -31,6 +31,7 @@ Lossless compressors (the rest of ``--codec``) live in :mod:`~featcache.stores.c
 from __future__ import annotations
 
 import base64
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -40,8 +41,8 @@ from ..errors import CacheError, ConfigError
 from ..manifest import is_block
 from ..registry import Registry
 from .codecs import parse_lossless
-from .lossy import (bitround, int8_decode, int8_encode, pca_bound, pca_decode, pca_encode, pca_fit,
-                    pca_zigzag_table, topk_dense, topk_encode, topk_probs)
+from .lossy import (bitround, int8_decode, int8_encode, pca_bound, pca_encode, pca_fit, pca_zigzag_table,
+                    topk_dense, topk_encode, topk_probs)
 from .precision import (MANTISSA_BITS, MIN_NORMAL_EXPONENT, UNIT_ROUNDOFF, VERIFY_RTOL, from_storage,
                         rounding_bound, rounding_floor, storage_dtype, to_storage)
 
@@ -344,23 +345,40 @@ class Pca(Encoding):
         return {name: np.concatenate([z, e[..., None, :]], axis=-2)}
 
     def decode(self, name: str, stored: Mapping[str, np.ndarray], shape: Sequence[int]) -> np.ndarray:
+        # In torch (the numpy reference is lossy.pca_decode): one intra-op thread in DataLoader workers, where
+        # numpy's BLAS would start its own thread pool in every worker and oversubscribe the cores.
         self._check_fitted(name)
-        packed = stored[name]
-        return pca_decode(packed[..., :-1, :], packed[..., -1, :], self.mean, self.basis_t, self.delta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only pread/mmap buffers: only read here
+            packed = _torch().from_numpy(np.asarray(stored[name]))
+        return self._decode(packed, prune=packed.ndim == 2).numpy()
 
     def decode_torch(self, name: str, stored: Mapping[str, Any], shape: Sequence[int]) -> Any:
         self._check_fitted(name)
-        torch, packed = _torch(), stored[name]
+        return self._decode(stored[name], prune=False)
+
+    def _decode(self, packed: Any, prune: bool) -> Any:
+        """``x' = (q * step * 2**e) @ basis^T + mean``; ``prune`` (one view on the CPU) multiplies only the
+        components that are non-zero in this view, which is most of the work saved in trained networks."""
+        torch = _torch()
         lut, mean, basis_t = self._on(packed.device)
-        steps = torch.exp2(packed[..., -1, :].float()) * self.delta
-        return (lut[packed[..., :-1, :].long()] * steps[..., None, :]) @ basis_t + mean
+        coef = lut[packed[..., :-1, :].long()]
+        exponents = packed[..., -1:, :]
+        if packed.device.type != "cpu" or bool(exponents.any()):  # nearly always all zero: skip the multiply
+            coef = coef * torch.exp2(exponents.float())
+        if prune:
+            active = (packed[:-1] != 0).any(dim=0)
+            if int(active.sum()) < 0.75 * len(active):
+                return torch.addmm(mean, coef[:, active], basis_t[active])
+        return coef @ basis_t + mean
 
     def _on(self, device: Any) -> tuple[Any, Any, Any]:
-        """The zigzag table and the codebook as float32 tensors on ``device``, moved there once."""
+        """The zigzag table times the step, and the codebook, as float32 tensors on ``device`` (moved once)."""
         if device not in self._device_codebooks:
             torch = _torch()
+            lut = pca_zigzag_table() * np.float32(self.delta)
             self._device_codebooks[device] = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (
-                pca_zigzag_table(), self.mean, self.basis_t))
+                lut, self.mean, self.basis_t))
         return self._device_codebooks[device]
 
     def bound(self, reference: np.ndarray) -> np.ndarray:
