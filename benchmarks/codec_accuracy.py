@@ -60,7 +60,11 @@ def caches(cfg: DemoConfig, out: Path, codecs: list[str], log=print) -> dict[str
 
 
 def read_rate(path: Path, rounds: int = 2) -> float:
-    """Views/s of ``read_row`` (stored arrays + decode, all targets) in random order, one process, warm."""
+    """Views/s of ``read_row`` (stored arrays + decode, all targets) in random order, in one process with one torch
+    thread (as a DataLoader worker runs), warm page cache."""
+    import torch
+
+    torch.set_num_threads(1)
     reader = open_reader(path)
     order = np.random.default_rng(0).permutation(len(reader)).tolist()
     for row in order[:256]:

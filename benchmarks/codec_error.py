@@ -36,12 +36,32 @@ def write_photos(root: Path) -> Path:
     return root
 
 
+def read_rate(path: str, rounds: int = 3) -> float:
+    """Views/s of ``read_row`` (read + decode of every target) in random order, one torch thread (as a DataLoader
+    worker runs), warm page cache."""
+    import numpy as np
+    import torch
+
+    from featcache.stores import open_reader
+
+    torch.set_num_threads(1)
+    reader = open_reader(path)
+    order = np.random.default_rng(0).permutation(len(reader)).tolist()
+    for row in order:
+        reader.read_row(row)
+    t = time.perf_counter()
+    for _ in range(rounds):
+        for row in order:
+            reader.read_row(row)
+    return rounds * len(order) / (time.perf_counter() - t)
+
+
 def measure(path: str) -> dict:
     report = codec_report(path, rerun_teacher=False)
     stored = sum(r["bytes_per_view"] for r in report.values())
     fp16 = sum(r["fp16_bytes_per_view"] for r in report.values())
     errors = {n: (r["measured_error"] or {}).get("rel_l2", 0.0) for n, r in report.items() if n != "logits"}
-    return {"bytes_per_view": stored, "ratio_to_fp16": stored / fp16, "rel_l2": errors,
+    return {"bytes_per_view": stored, "ratio_to_fp16": stored / fp16, "rel_l2": errors, "read_views_s": read_rate(path),
             "disk_GB": {k: views * stored / 1e9 for k, views in BUDGETS.items()}}
 
 
@@ -65,12 +85,14 @@ def main() -> None:
         dst = out / codec.replace(":", "_").replace("+", "_")
         convert(fp16, dst, "zarr", codec=codec, overwrite=True, progress=False)
         rows[codec] = measure(str(dst))
-    print("| codec | bytes/view | vs fp16 | rel L2 per layer | " + " | ".join(f"disk {k}" for k in BUDGETS) + " |")
-    print("|---|---:|---:|---|" + "---:|" * len(BUDGETS))
+    print("| codec | bytes/view | vs fp16 | rel L2 per layer | read views/s (1 thread) | " +
+          " | ".join(f"disk {k}" for k in BUDGETS) + " |")
+    print("|---|---:|---:|---|---:|" + "---:|" * len(BUDGETS))
     for codec, r in rows.items():
         err = ", ".join(f"{k} {v:.4f}" for k, v in r["rel_l2"].items())
         disks = " | ".join(f"{v:.1f} GB" for v in r["disk_GB"].values())
-        print(f"| {codec} | {r['bytes_per_view']:.0f} | {r['ratio_to_fp16']:.3f} | {err} | {disks} |")
+        print(f"| {codec} | {r['bytes_per_view']:.0f} | {r['ratio_to_fp16']:.3f} | {err} | {r['read_views_s']:.0f} | "
+              f"{disks} |")
     (out / "codec_error.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1))
     print(f"{2 * args.views} views of {args.teacher} ({'pretrained' if args.pretrained else 'random init'})")
 
