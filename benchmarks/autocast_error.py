@@ -48,7 +48,8 @@ def main() -> None:
         r, g = ref[name].float(), got[name].float()
         rel = float((g - r).norm() / r.norm())
         same = bool(torch.equal(half[name], got[name][: args.views // 2]))
-        print(f"{name:<10} bf16 vs fp32 rel L2 {rel:.2e}; batch {args.views // 2} vs {args.views} bit-identical: {same}")
+        print(f"{name:<10} bf16 vs fp32 rel L2 {rel:.2e}; batch {args.views // 2} vs {args.views} "
+              f"bit-identical: {same}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="gpu_check")
     p.add_argument("--device", default="cuda")
     p.add_argument("--teachers", default="deit3_small,deit3_base")
-    p.add_argument("--teacher-kwargs", default="{}", help="JSON timm kwargs for every teacher (CPU mode: a shallow one)")
+    p.add_argument("--teacher-kwargs", default="{}", help="JSON timm kwargs of every teacher (CPU mode: shallow ones)")
     p.add_argument("--student", default="deit_tiny")
     p.add_argument("--student-kwargs", default="{}")
     p.add_argument("--img-size", type=int, default=224)
@@ -255,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     out = Path(args.out)
     data = make_images(out / "images", args.images, args.img_size)
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     res: dict[str, Any] = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "extract": {},
-                           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                           else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+                           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu}
     cache = None
     for name in [t for t in args.teachers.split(",") if t]:
         rate, path = extract_rate(name, data, out / f"cache_{name}", args)
