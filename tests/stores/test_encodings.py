@@ -333,3 +333,17 @@ def test_fit_sample_rows_skip_invalid_and_spread():
     rows = E.fit_sample_rows(valid, rows=100)
     assert len(rows) == 100 and rows[0] == 10 and rows[-1] == 1999 and rows == sorted(set(rows))
     assert E.fit_sample_rows(valid[:50]) == list(range(10, 50))
+
+
+@pytest.mark.parametrize("rank", [8, 150])  # few active components (pruned product) and nearly all of them
+def test_pca_large_views_decode_in_torch_like_the_numpy_reference(rank):
+    from featcache.stores.lossy import pca_decode
+
+    x = _features(6, n=12, tokens=40, dim=160, rank=rank)
+    enc = _pca(x, 0.3)
+    stored = enc.encode("block_0", x)["block_0"]
+    assert stored[0].size * stored.shape[-1] > E.SMALL_PRODUCT  # one view takes the torch path
+    for view in stored[:3]:
+        want = pca_decode(view[:-1], view[-1], enc.mean, enc.basis_t, enc.delta)
+        got = enc.decode("block_0", {"block_0": view}, (40, 160))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
