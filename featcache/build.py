@@ -176,6 +176,10 @@ def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 def resolve_decode(cfg: TrainConfig, device: torch.device) -> str:
     """``--decode auto`` -> ``device`` on CUDA (the compact bytes cross the bus), else ``workers`` (the decode runs
     in the loader workers, in parallel with the step, instead of in it)."""
+    from .datasets import DECODE_CHOICES
+
+    if cfg.decode not in DECODE_CHOICES:
+        raise ConfigError(f"--decode {cfg.decode!r}: choose one of {', '.join(DECODE_CHOICES)}")
     if cfg.decode != "auto":
         return cfg.decode
     return "device" if device.type == "cuda" else "workers"

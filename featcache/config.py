@@ -164,7 +164,7 @@ class TrainConfig:
     decode: str = setting("auto", "Where cached targets are decoded: workers (numpy, in the loader workers), device "
                                   "(the stored bytes cross to the device, pinned and without blocking, and are decoded "
                                   "there: half the bytes for fp16, an eighth for pca), auto: device on CUDA.",
-                          choices=("auto", "workers", "device"))
+                          choices="featcache.datasets:DECODE_CHOICES")
     # Accelerate's own list also has fp8, which needs hardware and kernels featcache does not test.
     mixed_precision: str | None = setting(None, "Accelerate mixed precision [Accelerate's: `accelerate launch "
                                                 "--mixed_precision` or its config file, else no].",

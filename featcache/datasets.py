@@ -33,6 +33,8 @@ from .stores.encodings import stored_names
 from .views import Recipe, eval_recipe, fingerprint, make_view, replay, sample_params
 
 VIEW_POLICIES = ("cycle", "random")
+DECODES = ("workers", "device")  # where cached targets are decoded
+DECODE_CHOICES = ("auto", "workers", "device")  # ``--decode`` (read as a literal): auto is device on CUDA
 
 
 class ViewDataset(Dataset):
@@ -137,6 +139,8 @@ class CachedViewDataset(Dataset):
                  fingerprint_checks: int | None = None, with_targets: bool = True, decode: str = "workers"):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
+        if decode not in DECODES:
+            raise ConfigError(f"unknown target decode {decode!r}; choose one of {', '.join(DECODES)}")
         self.reader, self.source, self.recipe = reader, source, recipe
         self.targets = list(targets) if with_targets else []
         self.decode = decode

@@ -52,6 +52,8 @@ def test_auto_decodes_on_the_device_only_on_cuda():
     assert resolve_decode(cfg, torch.device("cpu")) == "workers"
     assert resolve_decode(cfg, torch.device("cuda")) == "device"
     assert resolve_decode(TrainConfig(cache="c", decode="device"), torch.device("cpu")) == "device"
+    with pytest.raises(ValueError, match="--decode 'gpu'"):
+        resolve_decode(TrainConfig(cache="c", decode="gpu"), torch.device("cpu"))
 
 
 @pytest.mark.usefixtures("clean_accelerate")
