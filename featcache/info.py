@@ -1,9 +1,10 @@
-"""``featcache info``: what a cache holds and what it costs: manifest essentials, bytes on disk, and per target its
-encoding, bytes per view, ratio to raw fp16 and error.
+"""``featcache info``: what a cache holds and what it costs: manifest essentials, bytes on disk, per view the stored
+bytes and their ratio to dense fp16, and per target its encoding, bytes per view, ratio to raw fp16 and error.
 
-Errors of element-wise lossy encodings (bitround, int8) come from, in order:
+Errors of element-wise lossy encodings (bitround, int8, pca) come from, in order:
 ``manifest["targets"][name]["measured_error"]`` (recorded by ``featcache convert``, measured on every row against
-the decoded source), or, when ``measure > 0``, a fresh measurement on ``measure`` random views: the views are
+the decoded source; for a ``pca`` cache made by ``featcache extract``, on the views its codebook was fitted on),
+or, when ``measure > 0``, a fresh measurement on ``measure`` random views: the views are
 replayed from the source images and the teacher is re-run (:func:`featcache.verify.verify_cache`), so it needs the
 data and the teacher weights (if they are not reachable the report says why instead). Encodings whose loss shows
 in the stored rows alone (top-k logits: the leftover probability mass) are measured from ``measure`` cached views.
