@@ -173,7 +173,20 @@ def _loader_kwargs(cfg: TrainConfig) -> dict[str, Any]:
             "generator": torch.Generator().manual_seed(cfg.seed)}
 
 
-def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tuple[Any, Any, DataLoader]:
+def resolve_decode(cfg: TrainConfig, device: torch.device) -> str:
+    """``--decode auto`` -> ``device`` on CUDA (the compact bytes cross the bus), else ``workers`` (the decode runs
+    in the loader workers, in parallel with the step, instead of in it)."""
+    from .datasets import DECODE_CHOICES
+
+    if cfg.decode not in DECODE_CHOICES:
+        raise ConfigError(f"--decode {cfg.decode!r}: choose one of {', '.join(DECODE_CHOICES)}")
+    if cfg.decode != "auto":
+        return cfg.decode
+    return "device" if device.type == "cuda" else "workers"
+
+
+def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode: str = "workers"
+                       ) -> tuple[Any, Any, DataLoader]:
     """The cached views (replayed from their source images, or new ones with ``--fresh-views``) with their targets:
     ``(dataset, sampler, loader)``."""
     from .datasets import CachedViewDataset, EpochSampler
@@ -186,7 +199,8 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str]) -> tupl
                                 view_policy=cfg.view_policy, label_shots=cfg.label_shots, seed=cfg.seed,
                                 fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher,
                                 num_classes=_num_classes(cfg, manifest), label_smoothing=cfg.label_smoothing,
-                                fresh_views=cfg.fresh_views, max_views=_max_views(cfg, manifest))
+                                fresh_views=cfg.fresh_views, max_views=_max_views(cfg, manifest),
+                                decode=decode)
     sampler = EpochSampler(len(dataset), seed=cfg.seed)
     return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
 
@@ -240,3 +254,30 @@ class OnlineTargets:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.teacher.targets(normalize(images, self.mean, self.std), self.layers)
         return {n: out[n].to(self.round_to).float() if self.round_to else out[n].float() for n in self.names}
+
+
+class DeviceTargets:
+    """``--decode device``: the batch's stored arrays (already on the device) decoded there into float32 targets."""
+
+    def __init__(self, manifest: Manifest, names: list[str]):
+        from .stores.encodings import encoding, stored_names
+
+        self.shapes = {n: manifest["targets"][n]["shape"] for n in names}
+        self.encodings = {n: encoding(manifest["targets"][n]["encoding"]) for n in names}
+        self.arrays = {n: stored_names(manifest, [n]) for n in names}
+
+    def __call__(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: enc.decode_torch(n, {a: stored[a] for a in self.arrays[n]}, self.shapes[n])
+                for n, enc in self.encodings.items()}
+
+
+def build_targets_fn(cfg: TrainConfig, manifest: Manifest, names: list[str], device: torch.device, decode: str
+                     ) -> Any:
+    """batch -> the targets the methods read: the online teacher's, decoded on the device, or the batch's own."""
+    if cfg.online_teacher:
+        online = OnlineTargets(manifest, names, device)
+        return lambda batch: online(batch["image"])
+    if decode == "device":
+        on_device = DeviceTargets(manifest, names)
+        return lambda batch: on_device(batch["stored"]) if "stored" in batch else {}
+    return lambda batch: batch.get("targets", {})

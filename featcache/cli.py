@@ -117,7 +117,7 @@ def _convert_options() -> list[click.Parameter]:
     return [click.Option(["--format"], type=field_choice(EXTRACT, "format"), required=True, help="Backend of DST."),
             click.Option(["--dtype"], type=field_choice(EXTRACT, "dtype"), help="New float type [SRC's]."),
             click.Option(["--codec"], help="New codec: none, zstd[:L], blosc-zstd[:L][:shuffle|bitshuffle], "
-                         "bitround:N, int8, or lossy+lossless like int8+zstd (see docs/FORMAT.md) [SRC's]."),
+                         "bitround:N, int8, pca:S, or lossy+lossless like int8+zstd (docs/FORMAT.md) [SRC's]."),
             click.Option(["--topk"], type=int, help="Keep only the top-k logits (0: dense again) [SRC's]."),
             click.Option(["--shard-size"], type=int, help="Views per shard/unit in DST [SRC's]."),
             click.Option(["--overwrite"], is_flag=True, help="Delete an existing DST and start afresh.")]

@@ -97,6 +97,9 @@ class ExtractConfig:
     batch_size: int = setting(64, "Views per loader batch.")
     workers: int = setting(2, "DataLoader worker processes.")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1 ...")
+    autocast: str = setting("none", "Teacher compute: none (exact fp32, the reproducible mode) or bf16 autocast "
+                                    "(faster on GPUs; targets move by ~bf16 rounding, see docs/FORMAT.md).",
+                            choices=("none", "bf16"))
     overwrite: bool = setting(False, "Delete an existing cache at --out and start afresh.")
     skip_corrupt: bool = setting(False, "Skip unreadable images (zeros, valid=0, listed in the manifest) instead of "
                                         "stopping with the file named.")
@@ -183,6 +186,10 @@ class TrainConfig:
                                           "(parity check and speed baseline) instead of reading the cache.")
     fresh_views: bool = setting(False, "With --online-teacher: draw new views every epoch from (seed, epoch, sample) "
                                        "with the cache's recipe, mixes included (true online distillation).")
+    decode: str = setting("auto", "Where cached targets are decoded: workers (numpy, in the loader workers), device "
+                                  "(the stored bytes cross to the device, pinned and without blocking, and are decoded "
+                                  "there: half the bytes for fp16, an eighth for pca), auto: device on CUDA.",
+                          choices="featcache.datasets:DECODE_CHOICES")
     # Accelerate's own list also has fp8, which needs hardware and kernels featcache does not test.
     mixed_precision: str | None = setting(None, "Accelerate mixed precision [Accelerate's: `accelerate launch "
                                                 "--mixed_precision` or its config file, else no].",

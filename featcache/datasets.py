@@ -33,10 +33,13 @@ from torch.utils.data import Dataset, Sampler
 from .errors import ConfigError, DecodeError, ReplayDriftError
 from .sources import ImageSource
 from .stores.base import StoreReader
+from .stores.encodings import stored_names
 from .views import (Recipe, draw_view, eval_recipe, fingerprint, fresh_view_seed, make_view, mix_target, replay,
                     sample_params)
 
 VIEW_POLICIES = ("cycle", "random")
+DECODES = ("workers", "device")  # where cached targets are decoded
+DECODE_CHOICES = ("auto", "workers", "device")  # ``--decode`` (read as a literal): auto is device on CUDA
 
 
 class ViewDataset(Dataset):
@@ -136,20 +139,27 @@ class CachedViewDataset(Dataset):
         label_smoothing: smoothing of those soft targets (a mixed recipe's labels are timm's ``mixup_target``).
         fresh_views: draw a new view per epoch (`fresh_view_seed`) instead of replaying a stored one; no targets.
         max_views: use only stored views ``0 .. max_views - 1`` of each sample (``None``: all).
+        decode: ``workers``: items carry decoded float32 ``targets``; ``device``: items carry the ``stored`` arrays
+            as read (compact: fp16, int8, pca bytes), for the training loop to decode on its device.
     """
 
     def __init__(self, reader: StoreReader, source: ImageSource, recipe: Recipe, targets: list[str],
                  view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
                  fingerprint_checks: int | None = None, with_targets: bool = True, num_classes: int | None = None,
-                 label_smoothing: float = 0.0, fresh_views: bool = False, max_views: int | None = None):
+                 label_smoothing: float = 0.0, fresh_views: bool = False, max_views: int | None = None,
+                 decode: str = "workers"):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
         if recipe.mix is not None and not num_classes:
             raise ValueError("a mixed recipe's labels are soft targets: pass num_classes")
         if fresh_views and with_targets:
             raise ValueError("fresh views have no cached targets: pass with_targets=False (the teacher runs online)")
+        if decode not in DECODES:
+            raise ConfigError(f"unknown target decode {decode!r}; choose one of {', '.join(DECODES)}")
         self.reader, self.source, self.recipe = reader, source, recipe
         self.targets = list(targets) if with_targets else []
+        self.decode = decode
+        self.stored = stored_names(reader.manifest, self.targets) if self.targets else []
         self.view_policy, self.seed, self.fingerprint_checks = view_policy, seed, fingerprint_checks
         self.num_classes, self.label_smoothing, self.fresh_views = num_classes, label_smoothing, fresh_views
         rec = reader.records()
@@ -187,7 +197,9 @@ class CachedViewDataset(Dataset):
         if self.checked is None or index in self.checked:
             self.check_fingerprint(sample, row, image)
         out: dict[str, Any] = {"image": image, "label": self.label(index, params), "row": row, "sample": sample}
-        if self.targets:
+        if self.targets and self.decode == "device":
+            out["stored"] = {k: _tensor(v) for k, v in self.reader.read_stored_row(row, self.stored).items()}
+        elif self.targets:
             # np.require copies only a read-only row (an fp32 pass-through of the reader's buffer).
             out["targets"] = {k: torch.from_numpy(np.require(v, np.float32, ["W"]))
                               for k, v in self.reader.read_row(row, self.targets).items()}
@@ -256,6 +268,12 @@ def drift_cause(drift: list[str]) -> str:
     return ("the image file changed on disk since extraction, or --data points at a different copy of the dataset "
             "(with the same torch/torchvision as at extraction, only a different Pillow/libjpeg could also decode it "
             "differently)")
+
+
+def _tensor(stored: np.ndarray) -> torch.Tensor:
+    """A stored array as a writable tensor; uint16 (bf16 bits) as int16, which every torch op and collate handles."""
+    stored = stored.view(np.int16) if stored.dtype == np.uint16 else stored
+    return torch.from_numpy(np.require(stored, requirements=["W"]))
 
 
 def _valid_rows(records: dict[str, np.ndarray], views: int, max_views: int | None = None

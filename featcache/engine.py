@@ -33,12 +33,13 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from . import locks, rundir, trackers
-from .build import (OnlineTargets, build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student,
-                    build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_methods, student_spec)
+from .build import (build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student, build_targets_fn,
+                    build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_decode,
+                    resolve_methods, student_spec)
 from .config import TrainConfig, load_yaml, to_dict
 from .errors import ConfigError, RunExistsError
 from .methods.task import DistillTask
@@ -81,7 +82,7 @@ class Run:
     sampler: Any
     mean: list[float]
     std: list[float]
-    targets_fn: Any  # None: targets come from the batch (cache); else the online teacher
+    targets_fn: Any  # batch -> targets: the cached ones (decoded in the workers or on the device), or the teacher's
     log: MetricsLog
     costs: list[str]
     student_spec: dict[str, Any]
@@ -166,13 +167,14 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     data_cfg = normalization(student)  # the student's own, as timm would use
     task = build_task(cfg, manifest, student, specs, img_size)
     needed = required_targets(manifest, specs)
-    dataset, sampler, train_loader = build_train_loader(cfg, reader, needed)
+    decode = resolve_decode(cfg, accelerator.device)
+    dataset, sampler, train_loader = build_train_loader(cfg, reader, needed, decode)
     eval_loader = build_eval_loader(cfg, manifest, img_size, data_cfg)
     optimizer = build_optimizer(cfg, task, accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), accelerator.num_processes)
     prepared = accelerator.prepare(task, optimizer, train_loader, eval_loader, scheduler)
     task, optimizer, train_loader, eval_loader, scheduler = prepared
-    targets_fn = OnlineTargets(manifest, needed, accelerator.device) if cfg.online_teacher else None
+    targets_fn = build_targets_fn(cfg, manifest, needed, accelerator.device, decode)
     ema = build_ema(cfg, accelerator.unwrap_model(task).student)  # after prepare: on the student's device
     _write_config(accelerator, out, cfg)
     costs = _costs(cfg, task, accelerator)
@@ -193,9 +195,12 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
     # Label-free methods leave the student head without gradients; DDP must be told some parameters may be unused.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / rundir.TENSORBOARD_DIR))
+    # Pinned batches (the loaders pin on CUDA) copy to the device without blocking: the next batch's copy runs while
+    # this step computes.
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=_launched_without_devices(),
                        gradient_accumulation_steps=cfg.grad_accum, project_config=project, kwargs_handlers=[ddp],
-                       log_with=trackers.log_with(cfg.report_to))
+                       log_with=trackers.log_with(cfg.report_to),
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
 
 def _launched_without_devices() -> bool:
@@ -292,7 +297,7 @@ def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
 def train_step(run: Run, batch: Mapping[str, Any], meter: Meter) -> dict[str, torch.Tensor]:
     """One micro-batch: forward, backward, and (when the accumulation window closes) clip + optimizer step."""
     acc, task = run.accelerator, run.task
-    targets = batch.get("targets", {}) if run.targets_fn is None else run.targets_fn(batch["image"])
+    targets = run.targets_fn(batch)
     with acc.accumulate(task):
         parts = task(normalize(batch["image"], run.mean, run.std), targets, batch["label"])
         acc.backward(parts["loss"])

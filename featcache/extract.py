@@ -24,16 +24,21 @@ from torch.utils.data import DataLoader
 from . import __version__, locks
 from .config import ExtractConfig
 from .datasets import ViewDataset
-from .errors import ConfigError, DecodeError
+from .errors import CacheError, ConfigError, DecodeError
 from .manifest import FORMAT_VERSION, Manifest
 from .models import resolve_device, resolve_layers
 from .sources import ImageSource, open_source, select_subset, source_manifest_entry
-from .stores import StoreWriter, create_writer
-from .stores.encodings import array_specs, encode_targets, targets_section
+from .stores import StoreWriter, create_writer, open_reader
+from .stores.encodings import (array_specs, encode_with, encoding, fit_sample_rows, fit_targets, measure_error,
+                               targets_section, unfitted)
 from .stores.precision import check_storable
 from .teachers import Teacher, load_teacher
 from .views import Mix, Recipe, default_recipe, normalize
 from .views.erasing import IMAGENET_MEAN, IMAGENET_STD
+
+
+#: Views per teacher forward while fitting a codebook (fixed: the codebook must not depend on ``--batch-size``).
+FIT_BATCH = 64
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -129,8 +134,10 @@ def view_recipe(cfg: ExtractConfig, img_size: int, norm: Mapping[str, Any]) -> R
 _CHECK_NORM = {"interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
-def iter_units(loader: DataLoader, manifest: Manifest, skip_corrupt: bool) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Regroup loader batches into whole units: yields ``(unit, columns)`` once all of a unit's rows are in."""
+def iter_units(loader: DataLoader, manifest: Manifest, skip_corrupt: bool, pin: bool = False
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Regroup loader batches into whole units: yields ``(unit, columns)`` once all of a unit's rows are in; ``pin``:
+    the unit's uint8 views land in page-locked memory, so their copy to the GPU runs without blocking."""
     pending: dict[int, list[dict[str, Any]]] = {}
     for batch in loader:
         for j in range(len(batch["row"])):
@@ -140,11 +147,13 @@ def iter_units(loader: DataLoader, manifest: Manifest, skip_corrupt: bool) -> It
             unit = int(item["row"]) // manifest.shard_size
             pending.setdefault(unit, []).append(item)
             if len(pending[unit]) == len(manifest.unit_rows(unit)):
-                yield unit, _columns(sorted(pending.pop(unit), key=lambda it: int(it["row"])))
+                yield unit, _columns(sorted(pending.pop(unit), key=lambda it: int(it["row"])), pin)
 
 
-def _columns(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}
+def _columns(items: list[dict[str, Any]], pin: bool = False) -> dict[str, Any]:
+    first = items[0]["image"]
+    images = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pin)
+    out: dict[str, Any] = {"image": torch.stack([it["image"] for it in items], out=images)}
     for key in ("row", "sample", "view", "label", "seed", "fingerprint", "valid"):
         out[key] = np.asarray([int(it[key]) for it in items])
     out["params"] = np.stack([np.asarray(it["params"], dtype=np.float64) for it in items])
@@ -155,24 +164,71 @@ def _columns(items: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ extraction
 
 
+class HostTargets:
+    """Teacher targets on their way to the host. On CUDA the device-to-host copies go to page-locked buffers on a
+    side stream without blocking, so the next unit's forward runs while they complete; :meth:`numpy` waits for them
+    (the writer thread calls it). On the CPU the targets are already there."""
+
+    def __init__(self, out: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.event = None
+        if device.type != "cuda":
+            self.host = {name: v.float() for name, v in out.items()}
+            return
+        compute, copy = torch.cuda.current_stream(device), _copy_stream(device)
+        copy.wait_stream(compute)  # the copies start once the forward that made the targets is done
+        with torch.cuda.stream(copy):
+            self.host = {}
+            for name, v in out.items():
+                v.record_stream(copy)  # the allocator must not reuse v's memory before the copy ran
+                self.host[name] = torch.empty(v.shape, dtype=torch.float32, pin_memory=True)
+                self.host[name].copy_(v.float(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(copy)
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """The targets as float32 numpy arrays, once their copies are complete."""
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: v.numpy() for name, v in self.host.items()}
+
+
+_COPY_STREAMS: dict[torch.device, Any] = {}
+
+
+def _copy_stream(device: torch.device) -> Any:
+    """One side stream per device for the device-to-host copies (streams are cheap but not free to create)."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+def launch_targets(teacher: Teacher, images: torch.Tensor, manifest: Manifest, device: torch.device) -> HostTargets:
+    """Queue the teacher forward for uint8 views and the copies of its targets to the host; returns at once on CUDA.
+
+    The views cross to the device as uint8 (a quarter of float32's bytes, without blocking when they are pinned)
+    and are normalised there.
+    """
+    norm = manifest["normalization"]
+    x = normalize(images.to(device, non_blocking=True), norm["mean"], norm["std"])
+    return HostTargets(teacher.targets(x, manifest.layers), device)
+
+
 def compute_targets(teacher: Teacher, images: torch.Tensor, manifest: Manifest, device: torch.device
                     ) -> dict[str, np.ndarray]:
     """Teacher targets (float32 numpy) for uint8 views, in one forward pass."""
-    norm = manifest["normalization"]
-    x = normalize(images.to(device, non_blocking=True), norm["mean"], norm["std"])
-    out = teacher.targets(x, manifest.layers)
-    return {name: v.float().cpu().numpy() for name, v in out.items()}
+    return launch_targets(teacher, images, manifest, device).numpy()
 
 
 def write_unit(writer: StoreWriter, manifest: Manifest, unit: int, cols: dict[str, Any],
-               targets: dict[str, np.ndarray]) -> None:
+               targets: dict[str, np.ndarray] | HostTargets) -> None:
     """Zero the targets of skipped views, encode, and hand the unit to the writer."""
+    targets = targets.numpy() if isinstance(targets, HostTargets) else targets
     invalid = cols["valid"] == 0
     for value in targets.values():
         value[invalid] = 0
     check_storable(targets, manifest["storage"]["dtype"])  # before encoding: fp16 range, finiteness
     records = {k: cols[k] for k in ("sample", "view", "label", "seed", "params", "fingerprint", "valid")}
-    writer.write_unit(unit, encode_targets(targets, manifest["storage"]), records, skipped=cols["skipped"])
+    writer.write_unit(unit, encode_with(targets, manifest), records, skipped=cols["skipped"])
 
 
 def prepare(cfg: ExtractConfig, device: torch.device) -> tuple[Teacher, ImageSource, Manifest]:
@@ -180,13 +236,67 @@ def prepare(cfg: ExtractConfig, device: torch.device) -> tuple[Teacher, ImageSou
     source = open_source(cfg.data, cfg.data_format)
     indices = select_subset(source.items, cfg.shots, cfg.fraction, cfg.subset_seed)
     teacher = load_teacher(cfg.teacher, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size,
-                           num_classes=cfg.num_classes, device=device, **cfg.teacher_kwargs)
+                           num_classes=cfg.num_classes, device=device, autocast=None if cfg.autocast == "none"
+                           else cfg.autocast, **cfg.teacher_kwargs)
     img_size = cfg.img_size or int(teacher.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     recipe = view_recipe(cfg, img_size, teacher.data_config(img_size))
     layers = teacher_layers(cfg.layers, teacher)
     manifest = build_manifest(cfg, teacher, source, indices, recipe, layers,
                               target_shapes(teacher, layers, img_size, device))
     return teacher, source.subset(indices), manifest
+
+
+def fit_codebooks(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, manifest: Manifest,
+                  device: torch.device) -> Manifest:
+    """The manifest with the codebooks of fitted encodings (``--codec pca``).
+
+    A resume keeps the codebook of the cache at ``cfg.out`` (its units were encoded with it); otherwise the teacher
+    runs on :data:`~featcache.stores.encodings.FIT_ROWS` views spread over the cache, :data:`FIT_BATCH` at a time
+    whatever ``--batch-size`` is, so the codebook (and so the cache's bytes) does not depend on the batch size.
+    """
+    names = unfitted(manifest["targets"])
+    existing = None if cfg.overwrite or not names else _existing_targets(cfg.out)
+    out = manifest.copy()
+    if existing is not None and all(n in existing and not unfitted({n: existing[n]}) for n in names):
+        out["targets"] = {**out["targets"], **{n: existing[n] for n in names}}
+    elif names:
+        out["targets"] = _fitted(manifest["targets"], _fit_sample(cfg, teacher, source, manifest, device, names))
+    return out
+
+
+def _fitted(targets: dict[str, Any], sample: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``targets`` with codebooks fitted on ``sample`` and the error they give on it (what ``featcache info``
+    reports until a ``verify`` measures more)."""
+    out = fit_targets(targets, sample)
+    for name, values in sample.items():
+        enc = encoding(out[name]["encoding"])
+        decoded = enc.decode(name, enc.encode(name, values), out[name]["shape"])
+        out[name]["measured_error"] = dict(measure_error(values, decoded), rows=len(values),
+                                           reference="teacher targets of the codebook's fit views")
+    return out
+
+
+def _fit_sample(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, manifest: Manifest, device: torch.device,
+                names: list[str]) -> dict[str, np.ndarray]:
+    rows = fit_sample_rows(np.ones(manifest.num_rows, dtype=np.uint8))
+    dataset = ViewDataset(source, Recipe.from_dict(manifest["views"]["recipe"]), manifest["views"]["seed"],
+                          manifest.views_per_sample, rows, skip_corrupt=True)  # unreadable views: left out of the fit
+    loader = DataLoader(dataset, batch_size=FIT_BATCH, num_workers=cfg.workers, collate_fn=_collate_list)
+    sample: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in loader:
+        valid = np.asarray(batch["valid"]) == 1
+        targets = compute_targets(teacher, batch["image"], manifest, device)
+        for name in names:
+            sample[name].append(targets[name][valid])
+    return {name: np.concatenate(parts) for name, parts in sample.items()}
+
+
+def _existing_targets(path: str) -> dict[str, Any] | None:
+    """The ``targets`` section of a cache already at ``path`` (None when there is none)."""
+    try:
+        return open_reader(path, require_complete=False).manifest["targets"]
+    except CacheError:
+        return None
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None = None) -> str:
@@ -217,6 +327,7 @@ def lock_file(out: str | os.PathLike) -> Path:
 def _extract(cfg: ExtractConfig, progress: bool, max_units: int | None) -> str:
     device = resolve_device(cfg.device)
     teacher, source, manifest = prepare(cfg, device)
+    manifest = fit_codebooks(cfg, teacher, source, manifest, device)
     writer = create_writer(cfg.out, manifest, format=cfg.format, overwrite=cfg.overwrite)
     manifest = writer.manifest
     if manifest.complete:
@@ -240,9 +351,9 @@ def extract_units(writer: StoreWriter, teacher: Teacher, loader: DataLoader, dev
                   skip_corrupt: bool = False, total: int | None = None, progress: bool = True) -> None:
     """Teacher forward per unit, then encode + write + mark it.
 
-    One background thread writes: unit u is encoded, written and fsynced while the teacher runs on unit
-    u + 1. At most one write is in flight and each is awaited before the next is submitted, so units are
-    marked in order and a write error surfaces at once.
+    One background thread writes: unit u is copied to the host (on CUDA), encoded, written and fsynced while the
+    teacher runs on unit u + 1. At most one write is in flight and each is awaited before the next is submitted, so
+    units are marked in order and a write error surfaces at once.
     """
     from tqdm import tqdm
 
@@ -250,8 +361,8 @@ def extract_units(writer: StoreWriter, teacher: Teacher, loader: DataLoader, dev
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer") as pool:
         pending: Future | None = None
-        for unit, cols in iter_units(loader, manifest, skip_corrupt):
-            targets = compute_targets(teacher, cols["image"], manifest, device)
+        for unit, cols in iter_units(loader, manifest, skip_corrupt, pin=device.type == "cuda"):
+            targets = launch_targets(teacher, cols["image"], manifest, device)
             if pending is not None:
                 pending.result()
             pending = pool.submit(write_unit, writer, manifest, unit, cols, targets)

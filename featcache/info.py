@@ -1,9 +1,10 @@
-"""``featcache info``: what a cache holds and what it costs: manifest essentials, bytes on disk, and per target its
-encoding, bytes per view, ratio to raw fp16 and error.
+"""``featcache info``: what a cache holds and what it costs: manifest essentials, bytes on disk, per view the stored
+bytes and their ratio to dense fp16, and per target its encoding, bytes per view, ratio to raw fp16 and error.
 
-Errors of element-wise lossy encodings (bitround, int8) come from, in order:
+Errors of element-wise lossy encodings (bitround, int8, pca) come from, in order:
 ``manifest["targets"][name]["measured_error"]`` (recorded by ``featcache convert``, measured on every row against
-the decoded source), or, when ``measure > 0``, a fresh measurement on ``measure`` random views: the views are
+the decoded source; for a ``pca`` cache made by ``featcache extract``, on the views its codebook was fitted on),
+or, when ``measure > 0``, a fresh measurement on ``measure`` random views: the views are
 replayed from the source images and the teacher is re-run (:func:`featcache.verify.verify_cache`), so it needs the
 data and the teacher weights (if they are not reachable the report says why instead). Encodings whose loss shows
 in the stored rows alone (top-k logits: the leftover probability mass) are measured from ``measure`` cached views.
@@ -33,15 +34,22 @@ def cache_info(path: str, measure: int = 8, data_root: str | None = None) -> dic
     raw = m.num_rows * sum(int(np.prod(t["shape"])) for t in m["targets"].values()) * 4
     total = disk_bytes(path)
     target_bytes = sum(nbytes.values()) or total
+    codecs = codec_report(path, measure=measure, data_root=data_root, reader=reader)
     return {
         "path": str(path), "format": m["storage"]["format"], "complete": m.complete, **_identity(m),
         "units_done": sum(1 for n in reader.unit_notes() if n), "num_units": m.num_units,
         "dtype": m["storage"]["dtype"], "storage": m["storage"], "skipped": list(m.get("skipped", [])),
         "arrays": arrays, "bytes_on_disk": total,
         "target_bytes": target_bytes, "raw_fp32_bytes": raw, "ratio_to_raw_fp32": target_bytes / raw if raw else None,
-        "versions": m.get("versions", {}),
-        "codecs": codec_report(path, measure=measure, data_root=data_root, reader=reader),
+        "versions": m.get("versions", {}), "codecs": codecs, "view": view_summary(codecs),
     }
+
+
+def view_summary(codecs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Stored bytes of one view over all its targets, and their ratio to the same targets as dense fp16."""
+    stored = sum(r["bytes_per_view"] for r in codecs.values())
+    fp16 = sum(r["fp16_bytes_per_view"] for r in codecs.values())
+    return {"bytes_per_view": stored, "fp16_bytes_per_view": fp16, "ratio_to_fp16": stored / fp16 if fp16 else None}
 
 
 def _identity(m: Manifest) -> dict[str, Any]:
@@ -82,6 +90,10 @@ def format_info(info: dict[str, Any]) -> str:
     ratio = info["ratio_to_raw_fp32"]
     lines.append(f"bytes      {_human(info['bytes_on_disk'])} on disk; targets {_human(info['target_bytes'])} = "
                  f"{ratio:.3f} x raw fp32 ({_human(info['raw_fp32_bytes'])})")
+    view = info["view"]
+    if view["ratio_to_fp16"] is not None:
+        lines.append(f"per view   {view['bytes_per_view']:.0f} B stored = {view['ratio_to_fp16']:.3f} x fp16 "
+                     f"({view['fp16_bytes_per_view']:.0f} B dense fp16)")
     if info.get("codecs"):
         lines += ["codecs", format_report(info["codecs"])]
     return "\n".join(lines)
@@ -92,7 +104,7 @@ def format_info(info: dict[str, Any]) -> str:
 def codec_report(path: str | os.PathLike, measure: int = 8, data_root: str | None = None, device: str = "cpu",
                  rerun_teacher: bool = True, reader: StoreReader | None = None) -> dict[str, dict[str, Any]]:
     """Target name -> {encoding, arrays{name: dtype, compressor, bytes_per_view}, bytes_per_view,
-    ratio_to_fp16, bound, measured_error}; ``ratio_to_fp16`` = stored bytes / dense fp16 bytes.
+    fp16_bytes_per_view, ratio_to_fp16, bound, measured_error}; ``ratio_to_fp16`` = stored bytes / dense fp16 bytes.
 
     Args:
         path: the cache.
@@ -114,7 +126,8 @@ def codec_report(path: str | os.PathLike, measure: int = 8, data_root: str | Non
                       "bytes_per_view": nbytes.get(a, 0) / rows} for a in stored_names(m, [name])}
         per_view = sum(a["bytes_per_view"] for a in arrays.values())
         fp16 = int(np.prod(target["shape"])) * 2
-        out[name] = {"encoding": enc, "arrays": arrays, "bytes_per_view": per_view, "ratio_to_fp16": per_view / fp16,
+        out[name] = {"encoding": enc, "arrays": arrays, "bytes_per_view": per_view, "fp16_bytes_per_view": fp16,
+                     "ratio_to_fp16": per_view / fp16,
                      "bound": enc.get("bound"),
                      "measured_error": target.get("measured_error") or measured.get(name)}
     return out
@@ -156,9 +169,6 @@ def _stored_errors(reader: StoreReader, measure: int) -> dict[str, dict[str, Any
     return out
 
 
-def _encoding_label(enc: dict[str, Any]) -> str:
-    label = enc["kind"] + (f":{enc['keepbits']}" if "keepbits" in enc else f":{enc['k']}" if "k" in enc else "")
-    return label + (f" {enc['dtype']}" if "dtype" in enc else "")
 
 
 def _error_label(err: dict[str, Any] | None) -> str:
@@ -175,6 +185,6 @@ def format_report(report: dict[str, dict[str, Any]]) -> str:
     for name, r in report.items():
         comp = next(iter(r["arrays"].values()))["compressor"] or {"name": "none"}
         comp_s = ":".join(str(v) for v in comp.values())
-        lines.append(f"{name:<12} {_encoding_label(r['encoding']):<22} {comp_s:<26} {r['bytes_per_view']:>11.0f} "
+        lines.append(f"{name:<12} {encoding(r['encoding']).label():<22} {comp_s:<26} {r['bytes_per_view']:>11.0f} "
                      f"{r['ratio_to_fp16']:>8.3f}  {_error_label(r['measured_error'])}")
     return "\n".join(lines)

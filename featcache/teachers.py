@@ -4,11 +4,20 @@ Targets come from timm's ``forward_intermediates`` (block outputs before the fin
 the logits, so a teacher needs no hooks (see :func:`featcache.models.forward_taps`). The final norm's parameters go
 into the manifest so a method can rebuild post-norm features exactly (ViTKD's deep target is ``norm(block_11)``).
 Loading, names and normalisation are the timm plumbing of :mod:`featcache.models`, shared with the students.
+
+Precision: by default the teacher runs in exact fp32 (on CUDA also without TF32 convolutions and matmuls, which
+torch may otherwise allow): together with one forward per unit, a cache's bytes then do not depend on the batch
+size, the worker count or the resume history on a given device and library stack. ``autocast="bf16"`` runs the
+forward under ``torch.autocast(dtype=torch.bfloat16)``: several times faster on GPUs with bf16 tensor cores, but the
+targets differ from fp32 by about bf16's rounding (relative ~4e-3 per op, compounding over blocks; measured in
+BENCHMARKS.md) and across devices and kernel versions. The setting is recorded in the manifest (``teacher.autocast``)
+so that a resume, ``verify`` and ``--online-teacher`` run the same way.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,15 +37,26 @@ class Teacher:
     timm_name: str
     pretrained: bool
     checkpoint: str | None
+    autocast: str | None = None  # None: exact fp32; "bf16": torch.autocast to bfloat16
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
-        """Named targets for normalised images: ``block_{i}`` [B, T, D] (prefix tokens first) and ``logits``."""
-        final, feats = forward_taps(self.model, images, layers)
-        # CNN teachers: NCHW maps are stored as row-major [B, H*W, C] tokens, the layout of a ViT block.
-        out = {block_name(i): f.flatten(2).transpose(1, 2) if f.ndim == 4 else f for i, f in zip(layers, feats)}
-        out["logits"] = self.model.forward_head(final)
+        """Named targets for normalised images: ``block_{i}`` [B, T, D] (prefix tokens first) and ``logits``
+        (float32, or bfloat16 under ``autocast="bf16"``)."""
+        with self.precision(images.device):
+            final, feats = forward_taps(self.model, images, layers)
+            # CNN teachers: NCHW maps are stored as row-major [B, H*W, C] tokens, the layout of a ViT block.
+            out = {block_name(i): f.flatten(2).transpose(1, 2) if f.ndim == 4 else f for i, f in zip(layers, feats)}
+            out["logits"] = self.model.forward_head(final)
         return out
+
+    def precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The teacher's compute precision on ``device`` (module docstring)."""
+        if self.autocast == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if self.autocast is not None:
+            raise CompatError(f"unknown teacher autocast {self.autocast!r}; featcache knows none and bf16")
+        return exact_fp32() if device.type == "cuda" else contextlib.nullcontext()
 
     def num_blocks(self) -> int:
         """Feature taps the teacher has (what ``--layers`` indexes)."""
@@ -60,8 +80,21 @@ class Teacher:
             "embed_dim": int(getattr(m, "embed_dim", getattr(m, "num_features", 0))),
             "num_blocks": self.num_blocks(), "num_prefix_tokens": int(getattr(m, "num_prefix_tokens", 0)),
             "patch_size": _patch_size(m), "grid_size": list(grid) if grid is not None else None,
-            "final_norm": _final_norm_entry(m),
+            "final_norm": _final_norm_entry(m), **({"autocast": self.autocast} if self.autocast else {}),
         }
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """No TF32 in cuDNN convolutions (torch's default allows it) nor in matmuls, restored afterwards."""
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 def _final_norm_entry(model: nn.Module) -> dict[str, Any] | None:
@@ -80,13 +113,15 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 def load_teacher(name: str, pretrained: bool = True, checkpoint: str | None = None, img_size: int | None = None,
-                 num_classes: int | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> Teacher:
-    """Load a frozen, eval-mode teacher (see :func:`featcache.models.load_model` for the arguments)."""
+                 num_classes: int | None = None, device: str | torch.device = "cpu", autocast: str | None = None,
+                 **kwargs: Any) -> Teacher:
+    """Load a frozen, eval-mode teacher (see :func:`featcache.models.load_model` for the arguments; ``autocast``:
+    None for exact fp32, ``"bf16"`` for bfloat16 autocast)."""
     model = load_model(name, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size,
                        num_classes=num_classes, **kwargs)
     model.eval().requires_grad_(False).to(device)
     return Teacher(model=model, name=name, timm_name=resolve_name(name), pretrained=pretrained,
-                   checkpoint=str(checkpoint) if checkpoint else None)
+                   checkpoint=str(checkpoint) if checkpoint else None, autocast=autocast)
 
 
 def teacher_from_manifest(manifest: dict[str, Any], device: str | torch.device = "cpu") -> Teacher:
@@ -94,7 +129,7 @@ def teacher_from_manifest(manifest: dict[str, Any], device: str | torch.device =
     t = manifest["teacher"]
     teacher = load_teacher(t["name"], pretrained=t["pretrained"], checkpoint=t["checkpoint"],
                            img_size=manifest["img_size"], num_classes=t["num_classes"], device=device,
-                           **manifest.get("teacher_kwargs", {}))
+                           autocast=t.get("autocast"), **manifest.get("teacher_kwargs", {}))
     got = weights_sha256(teacher.model)
     if got != t["weights_sha256"]:
         raise CompatError(f"teacher weights differ from the cache's (sha256 {got[:12]} != {t['weights_sha256'][:12]}); "

@@ -7,7 +7,6 @@ import importlib
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -64,22 +63,12 @@ def test_source_defaults_follow_imports_and_read_functions_and_classes():
         declared.source_names("featcache.datasets:NOPE")
 
 
-def best_time(args: list[str], tries: int = 3) -> float:
-    times = []
-    for _ in range(tries):
-        start = time.perf_counter()
-        subprocess.run(args, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @pytest.mark.parametrize("name", ["", *COMMANDS])
-def test_help_takes_under_a_second(name):
-    """The whole `python -m featcache.cli NAME --help` process, best of three, under a second on an idle machine.
-
-    On a loaded one (CI runs two test workers on two cores) the bound grows with what starting Python with click and
-    YAML costs at that moment, measured side by side; importing torch would cost some 30 times that.
-    """
-    floor = best_time([sys.executable, "-c", "import click, yaml"])
-    took = best_time([sys.executable, "-m", "featcache.cli", *([name] if name else []), "--help"])
-    assert took < max(1.0, 3 * floor), f"`featcache {name} --help` took {took:.2f} s (python + click: {floor:.2f} s)"
+def test_help_imports_no_heavy_library(name):
+    """`featcache NAME --help` loads neither torch, timm, numpy nor accelerate: their import is what made help take
+    seconds (the time itself is measured by hand, not asserted: timed unit tests fail on a loaded CI box)."""
+    code = ("import sys\nfrom featcache.cli import main\n"
+            f"try:\n    main({[name] if name else []!r} + ['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'numpy', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

@@ -187,8 +187,8 @@ def test_skip_corrupt_records_and_reports(tmp_path):
 def test_fp16_range_check_suggests_bf16(folder, tmp_path, monkeypatch):
     import featcache.extract as ex
 
-    real = ex.compute_targets
-    monkeypatch.setattr(ex, "compute_targets", lambda *a, **k: {n: v * 1e5 for n, v in real(*a, **k).items()})
+    real = ex.launch_targets  # the extraction loop queues its forwards through it
+    monkeypatch.setattr(ex, "launch_targets", lambda *a, **k: {n: v * 1e5 for n, v in real(*a, **k).numpy().items()})
     with pytest.raises(ValueError, match="bf16"):
         run_extract(make_cfg(folder, tmp_path / "cache", dtype="fp16"), progress=False)
 

@@ -2,7 +2,10 @@
 
 ``bitround`` rounds mantissas (numcodecs BitRound); ``int8_*`` quantise per view and channel with an absmax scale;
 ``topk_*`` keep the K largest logits as log-softmax values and recover dense logits from them the way FKD does
-(Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022).
+(Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022); ``pca_*`` are transform
+coding (Goyal, "Theoretical foundations of transform coding", IEEE Signal Processing Magazine 2001): rotate each
+token onto the layer's principal axes, quantise every coefficient with one uniform step, and let an entropy coder
+(the lossless part of the codec) spend bits only where the variance is (reverse water-filling, approximately).
 """
 from __future__ import annotations
 
@@ -65,3 +68,81 @@ def topk_dense(values: np.ndarray, indices: np.ndarray, classes: int) -> np.ndar
     log_probs = np.log(np.maximum(probs.astype(np.float64), 1e-30))
     np.put_along_axis(out, np.asarray(indices, dtype=np.int64), log_probs, axis=-1)
     return out.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ transform coding
+
+#: Largest quantised magnitude: coefficients are stored as zigzag-mapped int8 (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...).
+PCA_QMAX = 127
+#: Zigzag byte -> coefficient in steps, as float32 (decode is one table lookup per value).
+_UNZIGZAG = np.where(np.arange(256) & 1, -((np.arange(256) + 1) >> 1), np.arange(256) >> 1).astype(np.float32)
+
+
+def pca_zigzag_table() -> np.ndarray:
+    """The 256 zigzag bytes as the coefficients they stand for, in steps (float32)."""
+    return _UNZIGZAG.copy()
+
+
+def pca_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit sample [n, T, D] -> (per-token mean [T, D], orthonormal basis [D, D], rms of ``x``), float32.
+
+    The basis columns are the principal axes of the centred tokens by descending variance, each signed so that its
+    largest entry is positive (eigenvector signs are otherwise arbitrary across LAPACK builds). A per-token mean
+    removes what every view shares at a position (position embeddings, the class token).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=0)
+    centred = (x - mean).reshape(-1, x.shape[-1])
+    _, vecs = np.linalg.eigh(centred.T @ centred)
+    vecs = vecs[:, ::-1]
+    peak = vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])]
+    vecs = vecs * np.where(peak < 0, -1.0, 1.0)
+    return mean.astype(np.float32), vecs.astype(np.float32), float(np.sqrt((x ** 2).mean()))
+
+
+def pca_coefficients(x: np.ndarray, mean: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Tokens [..., T, D] -> their coefficients on ``basis`` [..., T, D] (float32)."""
+    return (np.asarray(x, dtype=np.float32) - mean) @ basis
+
+
+def pca_steps(coef: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per view and component the quantiser step ``step * 2**e`` with the smallest ``e >= 0`` that keeps every
+    coefficient within ``PCA_QMAX`` steps (no clipping, so the error bound holds for any view).
+
+    Returns:
+        (exponents uint8 [..., D], steps float32 [..., D]).
+    """
+    peak = np.abs(coef).max(axis=-2).astype(np.float64)
+    e = np.ceil(np.log2(np.maximum(peak / (PCA_QMAX * step), 1.0))).astype(np.int64)
+    e += peak > PCA_QMAX * step * np.exp2(e)  # log2 rounding: never leave a coefficient beyond the range
+    return e.astype(np.uint8), (np.float32(step) * np.exp2(e)).astype(np.float32)
+
+
+def pca_encode(x: np.ndarray, mean: np.ndarray, basis: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [n, T, D] -> (zigzag coefficients uint8 [n, T, D], step exponents uint8 [n, D])."""
+    coef = pca_coefficients(x, mean, basis)
+    e, steps = pca_steps(coef, step)
+    q = np.clip(np.rint(coef / steps[..., None, :]), -PCA_QMAX, PCA_QMAX).astype(np.int16)
+    return ((q << 1) ^ (q >> 15)).astype(np.uint8), e
+
+
+def pca_decode(z: np.ndarray, e: np.ndarray, mean: np.ndarray, basis_t: np.ndarray, step: float) -> np.ndarray:
+    """Zigzag coefficients [..., T, D] and exponents [..., D] -> float32 tokens; ``basis_t`` is the basis transposed."""
+    steps = np.float32(step) * np.exp2(np.asarray(e, dtype=np.float32))
+    return (_UNZIGZAG[z] * steps[..., None, :]) @ basis_t + mean
+
+
+def pca_bound(x: np.ndarray, mean: np.ndarray, basis: np.ndarray, step: float) -> np.ndarray:
+    """Per-element absolute error bound [n, T, D] of :func:`pca_encode` + :func:`pca_decode` for tokens ``x``.
+
+    ``|x' - x| <= |r (V V^T - I)| + sum_k |V_ck| step_k / 2`` with ``r = x - mean``: the first term is what the
+    stored (fp16-rounded, so not exactly orthonormal) basis leaks, the second the quantisation; a float32 slack of
+    ``2**-16`` of the magnitudes involved covers the matrix products.
+    """
+    r = np.asarray(x, dtype=np.float64) - mean
+    v = basis.astype(np.float64)
+    _, steps = pca_steps(pca_coefficients(x, mean, basis), step)
+    leak = np.abs(r @ v @ v.T - r)
+    quant = (steps.astype(np.float64) / 2) @ np.abs(v).T
+    scale = np.abs(r) @ np.abs(v) @ np.abs(v).T + np.abs(mean) + quant[..., None, :]
+    return leak + quant[..., None, :] + 2.0 ** -16 * scale

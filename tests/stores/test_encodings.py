@@ -38,17 +38,20 @@ def test_parse_codec_forms():
 
 
 def test_registry_one_class_per_kind():
-    assert E.ENCODINGS.names() == ["bitround", "float", "int8", "topk"]
+    assert E.ENCODINGS.names() == ["bitround", "float", "int8", "pca", "topk"]
     flags = {n: (E.ENCODINGS.get(n).lossy, E.ENCODINGS.get(n).elementwise) for n in E.ENCODINGS}
-    assert flags == {"float": (False, True), "bitround": (True, True), "int8": (True, True), "topk": (True, False)}
-    assert E.lossy_usage() == "bitround:N or int8"
+    assert flags == {"float": (False, True), "bitround": (True, True), "int8": (True, True), "pca": (True, True),
+                     "topk": (True, False)}
+    assert E.lossy_usage() == "bitround:N or int8 or pca:S"
+    assert [n for n in E.ENCODINGS if E.ENCODINGS.get(n).fitted] == ["pca"]
     for name in E.ENCODINGS:
         assert E.ENCODINGS.get(name).name == name  # named once, by registration
 
 
 # One storage setting per registered kind, applied to a block target and to the logits.
 KIND_SETTINGS = {"float": {"dtype": "bf16", "codec": "none"}, "bitround": {"dtype": "fp16", "codec": "bitround:6"},
-                 "int8": {"dtype": "fp32", "codec": "int8"}, "topk": {"dtype": "fp16", "codec": "none", "topk": 4}}
+                 "int8": {"dtype": "fp32", "codec": "int8"}, "topk": {"dtype": "fp16", "codec": "none", "topk": 4},
+                 "pca": {"dtype": "fp16", "codec": "pca:0.2"}}
 
 
 @pytest.mark.parametrize("kind", E.ENCODINGS.names())
@@ -58,6 +61,8 @@ def test_every_registered_encoding_round_trips(kind):
         else ("block_1", _vit_like(1, n=4))
     spec = E.target_encoding(name, storage)
     assert spec["kind"] == kind
+    if E.ENCODINGS.get(kind).fitted:  # the codebook comes from the data, here the values themselves
+        spec = E.fit_targets({name: {"shape": list(x.shape[1:]), "encoding": spec}}, {name: x})[name]["encoding"]
     enc = E.encoding(spec)
     assert isinstance(enc, E.ENCODINGS.get(kind))
     stored = enc.encode(name, x)
@@ -226,3 +231,119 @@ def test_manifest_arrays_match_encoded_arrays():
         stored = E.encode_targets(toy_targets(m), m["storage"])
         assert sorted(stored) == sorted(m["arrays"]) == sorted(E.stored_names(m))
         assert E.stored_names(m, ["logits"]) == [n for n in m["arrays"] if n.startswith("logits")]
+
+
+# ---------------------------------------------------------------------------------------------- pca (transform coding)
+
+def _features(seed: int = 0, n: int = 48, tokens: int = 17, dim: int = 64, rank: int = 12) -> np.ndarray:
+    """Low-rank tokens + noise, a per-position offset and two outlier channels: the structure of ViT blocks."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, tokens, rank)).astype(np.float32) @ rng.standard_normal((rank, dim)).astype(np.float32)
+    x += 0.1 * rng.standard_normal((n, tokens, dim)).astype(np.float32) + rng.standard_normal((tokens, dim))
+    x[..., [3, 17]] *= 40.0
+    return x.astype(np.float32)
+
+
+def _pca(x_fit: np.ndarray, step: float, codec: str | None = None) -> E.Encoding:
+    spec = E.target_encoding("block_0", {"dtype": "fp16", "codec": codec or f"pca:{step}"})
+    section = E.fit_targets({"block_0": {"shape": list(x_fit.shape[1:]), "encoding": spec}}, {"block_0": x_fit})
+    return E.encoding(section["block_0"]["encoding"])
+
+
+def test_pca_parse_and_default_compressor():
+    assert E.parse_codec("pca:0.3") == {"lossy": {"name": "pca", "step": 0.3},
+                                        "compressor": {"name": "blosc", "cname": "zstd", "clevel": 5,
+                                                       "shuffle": "bitshuffle"}}
+    assert E.parse_codec("pca:0.5+zstd:9")["compressor"] == {"name": "zstd", "level": 9}
+    for bad in ("pca", "pca:0", "pca:-1", "pca:x", "pca:5", "pca:0.3:2", "pca:0.3+int8"):
+        with pytest.raises(ConfigError, match="codec"):
+            E.parse_codec(bad)
+    assert E.target_encoding("logits", {"dtype": "fp16", "codec": "pca:0.3"}) == {"kind": "float", "dtype": "fp16"}
+
+
+@pytest.mark.parametrize("step", [0.05, 0.2, 0.5, 1.0])
+def test_pca_within_stated_bound_and_error_follows_the_step(step):
+    x = _features(1)
+    enc = _pca(x[:32], step)
+    held_out = x[32:]  # views the codebook was not fitted on
+    stored = enc.encode("block_0", held_out)
+    assert {k: (v.dtype.name, v.shape[1:]) for k, v in stored.items()} == {"block_0": ("uint8", (18, 64))}
+    out = enc.decode("block_0", stored, (17, 64))
+    assert out.dtype == np.float32 and out.shape == held_out.shape
+    assert (np.abs(out.astype(np.float64) - held_out) <= enc.bound(held_out)).all()
+    rel = E.measure_error(held_out, out)["rel_l2"]
+    assert 0 < rel <= step / np.sqrt(12) * 1.05 and rel <= enc.spec["verify_rtol"]
+
+
+def test_pca_outlier_view_raises_its_step_instead_of_clipping():
+    x = _features(2)
+    enc = _pca(x[:32], 0.5)
+    odd = x[32:34].copy()
+    odd[0, 5] *= 300.0  # far beyond anything in the fit sample
+    stored = enc.encode("block_0", odd)
+    exponents = stored["block_0"][:, -1]  # the last stored row
+    assert exponents[0].max() >= 5 and exponents[1].max() == 0
+    out = enc.decode("block_0", stored, (17, 64))
+    assert (np.abs(out.astype(np.float64) - odd) <= enc.bound(odd)).all()
+    assert E.measure_error(odd[0, 5], out[0, 5])["rel_l2"] < 0.01  # the outlier token itself survives
+
+
+def test_pca_compresses_where_the_variance_is():
+    x = _features(3)
+    comp = C.numcodecs_compressor(E.parse_codec("pca:0.3")["compressor"], itemsize=1)
+    fp16 = x[0].size * 2
+    sizes, errors = [], []
+    for step in (0.1, 0.3, 1.0):
+        enc = _pca(x[:32], step)
+        stored = enc.encode("block_0", x[32:])
+        sizes.append(np.mean([len(comp.encode(view.tobytes())) for view in stored["block_0"]]) / fp16)
+        errors.append(E.measure_error(x[32:], enc.decode("block_0", stored, (17, 64)))["rel_l2"])
+    assert sizes[0] > sizes[1] > sizes[2] and errors[0] < errors[1] < errors[2]
+    assert sizes[1] <= 0.125  # rank 12 of 64: most components sit below the step and cost almost nothing
+
+
+def test_pca_codebook_lives_in_the_manifest_json():
+    x = _features(4)
+    enc = _pca(x[:32], 0.3)
+    spec = json.loads(json.dumps(enc.spec))  # the manifest is plain JSON
+    assert spec["fit_rows"] == 32 and spec["mean"]["shape"] == [17, 64] and spec["basis"]["shape"] == [64, 64]
+    again = E.encoding(spec)
+    stored = enc.encode("block_0", x[32:])
+    np.testing.assert_array_equal(again.decode("block_0", stored, (17, 64)), enc.decode("block_0", stored, (17, 64)))
+    one_row = again.decode("block_0", {k: v[3] for k, v in stored.items()}, (17, 64))
+    np.testing.assert_allclose(one_row, enc.decode("block_0", stored, (17, 64))[3], rtol=1e-6, atol=1e-5)
+    basis = again.basis.astype(np.float64)
+    assert np.abs(basis.T @ basis - np.eye(64)).max() < 2e-3  # orthonormal up to its fp16 rounding
+    assert _pca(x[:32], 0.3).spec == enc.spec  # deterministic fit
+    damaged = dict(spec, basis=dict(spec["basis"], shape=[64, 63]))
+    with pytest.raises(CacheError, match="damaged"):
+        E.encoding(damaged)
+
+
+def test_pca_unfitted_refuses_to_encode():
+    spec = E.target_encoding("block_0", {"dtype": "fp16", "codec": "pca:0.3"})
+    assert E.unfitted({"block_0": {"shape": [17, 64], "encoding": spec}}) == ["block_0"]
+    with pytest.raises(ConfigError, match="codebook fitted"):
+        E.encoding(spec).encode("block_0", _features(5))
+
+
+def test_fit_sample_rows_skip_invalid_and_spread():
+    valid = np.ones(2000, dtype=np.uint8)
+    valid[:10] = 0
+    rows = E.fit_sample_rows(valid, rows=100)
+    assert len(rows) == 100 and rows[0] == 10 and rows[-1] == 1999 and rows == sorted(set(rows))
+    assert E.fit_sample_rows(valid[:50]) == list(range(10, 50))
+
+
+@pytest.mark.parametrize("rank", [8, 150])  # few active components (pruned product) and nearly all of them
+def test_pca_large_views_decode_in_torch_like_the_numpy_reference(rank):
+    from featcache.stores.lossy import pca_decode
+
+    x = _features(6, n=12, tokens=40, dim=160, rank=rank)
+    enc = _pca(x, 0.3)
+    stored = enc.encode("block_0", x)["block_0"]
+    assert stored[0].size * stored.shape[-1] > E.SMALL_PRODUCT  # one view takes the torch path
+    for view in stored[:3]:
+        want = pca_decode(view[:-1], view[-1], enc.mean, enc.basis_t, enc.delta)
+        got = enc.decode("block_0", {"block_0": view}, (40, 160))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
