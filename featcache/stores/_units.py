@@ -11,21 +11,30 @@ torn marker only makes its own unit be redone. Where markers live is the backend
 
 Every writer creates ``PATH/_featcache/`` first, so a directory holding it is a featcache cache (or an interrupted
 creation of one) and may be resumed or replaced; any other non-empty directory is refused.
+
+Nothing is claimed that cannot be read back. A note also records the CRC-32 of every array and record the unit
+holds (``crc32``) and the digest of the manifest's seal (``seal``); before a resume relies on a unit an earlier run
+wrote, the unit is read back and checked against its note (:func:`unit_problem`), and a unit that fails is un-marked
+and redone. A reader checks every note against the manifest when it opens a cache (:func:`check_markers`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import zlib
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from ..durable import fsync_path, write_atomic
-from ..errors import CacheError
-from ..manifest import RECORD_DTYPES, Manifest, diff_keys
+from ..errors import CacheError, FeatcacheError
+from ..manifest import RECORD_DTYPES, Manifest, check_manifest, diff_keys
 
 OWN_DIR = "_featcache"
 MANIFEST_JSON = "manifest.json"
@@ -44,6 +53,10 @@ class Markers(ABC):
     def write(self, unit: int, note: Mapping[str, Any]) -> None:
         """Mark ``unit`` durably (its data must already be durable)."""
 
+    @abstractmethod
+    def clear(self, unit: int) -> None:
+        """Un-mark ``unit`` durably (its data cannot be trusted; it will be redone)."""
+
 
 class FileMarkers(Markers):
     """One JSON file per unit, replaced atomically: ``_featcache/units/unit-{u:06d}.json``."""
@@ -61,6 +74,10 @@ class FileMarkers(Markers):
 
     def write(self, unit: int, note: Mapping[str, Any]) -> None:
         write_atomic(self.path(unit), note_json(note).encode())
+
+    def clear(self, unit: int) -> None:
+        self.path(unit).unlink(missing_ok=True)
+        fsync_path(self.dir)
 
 
 def unit_note(manifest: Manifest, unit: int, skipped: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -86,6 +103,136 @@ def parse_note(text: str, unit: int) -> dict[str, Any]:
 def completed(notes: list[dict[str, Any]]) -> set[int]:
     """Units whose note is present."""
     return {u for u, note in enumerate(notes) if note}
+
+
+def unit_crc32(arrays: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """CRC-32 of the bytes of every stored array and record of a unit (``records/<name>`` for records)."""
+    named = {**arrays, **{f"records/{k}": v for k, v in records.items()}}
+    return {name: zlib.crc32(np.ascontiguousarray(named[name]).data) for name in sorted(named)}
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+
+def note_problem(manifest: Manifest, unit: int, note: Mapping[str, Any]) -> str | None:
+    """Why a unit's marker does not fit the manifest (None when it does)."""
+    rows = manifest.unit_rows(unit)
+    if note.get("rows") != [rows.start, rows.stop]:
+        return f"its marker covers rows {note.get('rows')}, but the manifest puts rows [{rows.start}, {rows.stop}] there"
+    seal = manifest.seal_digest()
+    if "seal" in note and note["seal"] != seal:
+        return f"its marker was written under another manifest (seal {note['seal']}, the manifest's is {seal})"
+    return None
+
+
+def unit_problem(manifest: Manifest, unit: int, note: Mapping[str, Any], stored: Mapping[str, np.ndarray],
+                 records: Mapping[str, np.ndarray]) -> str | None:
+    """Why a unit read back (``stored`` arrays and ``records``, each [rows, ...]) does not match its marker note."""
+    n = len(manifest.unit_rows(unit))
+    for name, spec in manifest["arrays"].items():
+        value, want = stored.get(name), (n, *spec["shape"])
+        if value is None or value.shape != want or value.dtype != np.dtype(spec["dtype"]):
+            got = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
+            return f"array {name!r} reads back {got}, expected {spec['dtype']}{list(want)}"
+    if any(np.shape(records.get(k))[:1] != (n,) for k in RECORD_DTYPES):
+        return f"its records do not cover its {n} rows"
+    crc = note.get("crc32")
+    if crc is not None:
+        now = unit_crc32(stored, record_arrays(records))
+        bad = sorted(k for k in set(crc) | set(now) if crc.get(k) != now.get(k))
+        if bad:
+            return f"{', '.join(bad)} read back other bytes than were written (CRC-32 mismatch)"
+    return None
+
+
+def check_markers(root: Path, manifest: Manifest, notes: list[dict[str, Any]]) -> None:
+    """What a reader checks on open: every marker fits the manifest, and a complete cache has every unit marked.
+
+    Raises:
+        CacheError: naming the unit and the fix.
+    """
+    for unit, note in enumerate(notes):
+        problem = note and note_problem(manifest, unit, note)
+        if problem:
+            raise CacheError(f"cache {str(root)!r}, unit {unit}: {problem}; the manifest was edited or the cache is "
+                             "damaged: restore the manifest, or re-extract with --overwrite")
+    missing = [u for u, note in enumerate(notes) if not note]
+    if manifest.complete and missing:
+        raise CacheError(f"cache {str(root)!r} says it is complete, but units {missing[:10]} of {len(notes)} have no "
+                         "completion marker (an edited manifest, or a cache copied in part); re-run the same "
+                         "`featcache extract` command to write them")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``.
+
+    Raises:
+        CacheError: when it is not valid JSON (one line naming the file).
+    """
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path} is not valid JSON ({err}); the cache is damaged: re-extract it with "
+                         "--overwrite") from None
+
+
+def load_manifest_json(path: Path) -> Manifest | None:
+    """A ``manifest.json`` (None if there is none), validated by :func:`~featcache.manifest.check_manifest`.
+
+    Raises:
+        CacheError: when the file is not JSON, or not a valid manifest.
+    """
+    return check_manifest(read_json(path), str(path)) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------ disk full
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = re.compile(r"errno = (28|122)\b|No space left on device|Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` (or an error it was raised from) says the disk or quota is full; h5py only says so in
+    its message text."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in DISK_FULL or _DISK_FULL_TEXT.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextmanager
+def disk_errors(root: Path) -> Iterator[None]:
+    """Turn a full disk, whatever library hit it, into one :class:`CacheError` naming the cache and the fix.
+
+    Anything else propagates untouched (a bug keeps its traceback).
+    """
+    try:
+        yield
+    except FeatcacheError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        where = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(where).free
+        raise CacheError(f"disk full while writing the cache {str(root)!r} ({free / 2**20:.1f} MiB left on its "
+                         "filesystem); free space there or choose another --out, then re-run the same command: the "
+                         "units already written are kept") from None
+
+
+# Temp files of killed writers: ours (".<name>.tmp", ".<name>.tmp-<pid>") and zarr-python's ("<key>.<uuid>.partial").
+_DEBRIS = re.compile(r"^\..+\.tmp(-\d+)?$|\.[0-9a-f]{32}\.partial$")
+
+
+def sweep_debris(root: Path) -> list[Path]:
+    """Delete the temp files killed writers left under ``root`` (called when the cache is finalized, when no unit is
+    being written); returns what was deleted."""
+    debris = [p for p in root.rglob("*") if _DEBRIS.search(p.name) and p.is_file()]
+    for p in debris:
+        p.unlink(missing_ok=True)
+    return debris
 
 
 # ------------------------------------------------------------------------------------------------ lifecycle
@@ -189,8 +336,7 @@ class JsonManifestLayout:
     path: Path
 
     def _load_manifest(self) -> Manifest | None:
-        path = self.path / MANIFEST_JSON
-        return Manifest.from_json(path.read_text()) if path.is_file() else None
+        return load_manifest_json(self.path / MANIFEST_JSON)
 
     def _markers(self) -> Markers:
         return FileMarkers(self.path)

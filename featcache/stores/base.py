@@ -17,9 +17,10 @@ The backends register on import of :mod:`featcache.stores`, as timm's model file
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import tarfile
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping
@@ -37,7 +38,8 @@ class StoreWriter(ABC):
     """Writes one cache. One writer per unit: processes may share a cache only on disjoint units.
 
     Backends implement the hooks: ``_load_manifest``, ``_save_manifest``, ``_create``, ``_markers`` and
-    ``_write_data``; ``close`` when they hold files open.
+    ``_write_data``; ``close`` when they hold files open. A full disk, in any of them, ends in one
+    :class:`CacheError` naming the cache and the fix (:func:`._units.disk_errors`).
     """
 
     name: ClassVar[str]
@@ -46,21 +48,26 @@ class StoreWriter(ABC):
         """Create the cache at ``path``, or reopen it for resume.
 
         Raises:
-            CacheError: when ``path`` holds something else, or a cache whose identity differs from ``manifest``
-                (the message names the differing keys; ``overwrite=True`` starts afresh).
+            CacheError: when ``path`` holds something else, a damaged or edited cache, or a cache whose identity
+                differs from ``manifest`` (the message names the differing keys; ``overwrite=True`` starts afresh).
         """
         self.path = Path(path)
-        wanted = self._new_manifest(Manifest(manifest))
-        _units.claim(self.path, overwrite)
-        existing = self._load_manifest() if self.path.exists() else None
-        if existing is None:
-            if self.path.exists():  # creation was interrupted before the manifest landed: nothing in it is valid
-                shutil.rmtree(self.path)
-            self._create(wanted)
-            existing = wanted
-        else:
-            _units.check_identity(self.path, existing, wanted)
+        self._trusted: set[int] = set()  # units this writer wrote or read back and checked
+        self.redone: dict[int, str] = {}  # units un-marked because they could not be trusted -> why
+        wanted = self._new_manifest(Manifest(manifest)).sealed()
+        with _units.disk_errors(self.path):
+            _units.claim(self.path, overwrite)
+            existing = self._load_manifest() if self.path.exists() else None
+            if existing is None:
+                if self.path.exists():  # creation was interrupted before the manifest landed: nothing in it is valid
+                    shutil.rmtree(self.path)
+                self._create(wanted)
+                existing = wanted
+            else:
+                _units.check_identity(self.path, existing, wanted)
         self._manifest = existing
+        if existing.complete:
+            self._recheck_complete()
 
     @property
     def manifest(self) -> Manifest:
@@ -69,24 +76,68 @@ class StoreWriter(ABC):
 
     def _new_manifest(self, manifest: Manifest) -> Manifest:
         out = manifest.copy()
+        out.pop("seal", None)  # sealed afresh: a converted cache's manifest comes from its source's
         out.setdefault("storage", {})["format"] = self.name
         out["complete"] = False
         return out
 
+    def _recheck_complete(self) -> None:
+        """A cache that says it is complete must open as a reader opens it; if it does not (a hand-set ``complete``,
+        a part a killed writer left unreadable), it is resumed instead: its units are checked and redone."""
+        try:
+            self._reader(strict=True).close()
+        except CacheError as err:
+            warnings.warn(f"{err}; resuming it", stacklevel=3)
+            self._manifest["complete"] = False
+
+    def _reader(self, strict: bool) -> "StoreReader":
+        return READERS.get(self.name)(self.path, strict=strict)
+
     def completed_units(self) -> set[int]:
-        """Units already durable on disk (resume skips them)."""
-        return _units.completed(self._markers().read(self._manifest.num_units))
+        """Units already durable on disk and trustworthy (resume skips them).
+
+        Every marked unit this writer did not write itself is read back and checked against its marker note (rows,
+        manifest seal, array shapes, CRC-32 of every array and record); one that fails is un-marked, so it is
+        redone, and listed in :attr:`redone` with the reason (and a warning).
+        """
+        notes = self._markers().read(self._manifest.num_units)
+        marked = _units.completed(notes)
+        todo = sorted(marked - self._trusted)
+        if todo:
+            reader = self._reader(strict=False)
+            try:
+                for unit in todo:
+                    problem = reader.unit_problem(unit, notes[unit])
+                    if problem is None:
+                        self._trusted.add(unit)
+                    else:
+                        self._untrust(unit, problem)
+            finally:
+                reader.close()
+        return marked & self._trusted
+
+    def _untrust(self, unit: int, problem: str) -> None:
+        with _units.disk_errors(self.path):
+            self._markers().clear(unit)
+        self.redone[unit] = problem
+        warnings.warn(f"cache {str(self.path)!r}: unit {unit} cannot be trusted ({problem}); it will be redone",
+                      stacklevel=3)
 
     def write_unit(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
                    skipped: list[str] | None = None) -> None:
         """Write all rows of ``unit`` (stored arrays and records shaped [len(unit_rows), ...]) durably, then mark it.
 
         Raises:
-            CacheError: naming the array or record that does not match the manifest.
+            CacheError: naming the array or record that does not match the manifest, or a full disk.
         """
         _units.check_unit(self._manifest, unit, targets, records)
-        extra = self._write_data(unit, targets, _units.record_arrays(records))
-        self._markers().write(unit, _units.unit_note(self._manifest, unit, skipped, **extra))
+        records = _units.record_arrays(records)
+        seal = self._manifest.seal_digest()
+        with _units.disk_errors(self.path):
+            extra = self._write_data(unit, targets, records)
+            extra.update(crc32=_units.unit_crc32(targets, records), **({"seal": seal} if seal else {}))
+            self._markers().write(unit, _units.unit_note(self._manifest, unit, skipped, **extra))
+        self._trusted.add(unit)
 
     def record_measured_error(self, errors: Mapping[str, Mapping[str, Any]]) -> None:
         """Keep the error measured for re-encoded targets (``targets[name]["measured_error"]``); saved by
@@ -95,15 +146,21 @@ class StoreWriter(ABC):
             self._manifest["targets"][name]["measured_error"] = dict(error)
 
     def finalize(self) -> Manifest:
-        """Check every unit is marked, fold their notes (skipped files) into the manifest, mark it complete.
+        """Check every unit is marked and can be trusted, fold their notes (skipped files) into the manifest, delete
+        the temp files of killed writers, and mark the cache complete, once it opens as a reader opens it.
 
         Raises:
-            CacheError: naming the units not written yet.
+            CacheError: naming the units not written yet (or found untrustworthy now: re-running redoes them).
         """
         self.close()
-        notes = self._markers().read(self._manifest.num_units)
-        self._manifest = _units.finalized(self.path, self._manifest, notes)
-        self._save_manifest(self._manifest)
+        with _units.disk_errors(self.path):
+            done = self.completed_units()
+            notes = self._markers().read(self._manifest.num_units)
+            manifest = _units.finalized(self.path, self._manifest, [n if u in done else {} for u, n in enumerate(notes)])
+            self._reader(strict=True).close()  # every marker fits, every part opens: only then claim completion
+            _units.sweep_debris(self.path)
+            self._save_manifest(manifest)
+        self._manifest = manifest
         return self._manifest
 
     def close(self) -> None:
@@ -134,27 +191,39 @@ class StoreWriter(ABC):
 class StoreReader(ABC):
     """Reads one cache. Picklable; files open lazily, once per process (each DataLoader worker opens its own).
 
-    Backends implement ``_load_manifest``, ``_markers``, ``read_stored_row``, ``records`` and ``array_nbytes``, keep
-    their handles in attributes made by ``_fresh_handles`` and closed by ``_close_handles``, and call
-    :meth:`_own_handles` before using one. ``_pickled`` names the attributes that survive pickling.
+    Backends implement ``_load_manifest``, ``_markers``, ``read_stored_row``, ``unit_records``, ``records`` and
+    ``array_nbytes``, and ``_check_layout`` (what opening checks of the stored arrays); they keep their handles in
+    attributes made by ``_fresh_handles`` and closed by ``_close_handles``, and call :meth:`_own_handles` before
+    using one. ``_pickled`` names the attributes that survive pickling.
     """
 
     name: ClassVar[str]
     _pickled: ClassVar[tuple[str, ...]] = ("path", "manifest")
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        """Open the cache at ``path`` (reading only its manifest).
+    def __init__(self, path: str | os.PathLike, strict: bool = True) -> None:
+        """Open the cache at ``path``: its manifest is validated (schema, consistency, paths, seal) and, when
+        ``strict``, checked against what is stored (unit markers, stored arrays' shapes and dtypes, files).
+
+        Args:
+            path: the cache.
+            strict: check the markers and the stored layout now; writers open their own cache with ``strict=False``
+                and check unit by unit (:meth:`unit_problem`) instead.
 
         Raises:
-            CacheError: when there is no cache of this format at ``path``.
+            CacheError: when there is no cache of this format at ``path``, or what it says of itself does not hold.
         """
         self.path = Path(path)
         manifest = self._load_manifest()
         if manifest is None:
             raise CacheError(f"no featcache {self.name} cache at {str(self.path)!r} (no manifest); make one with "
                              "`featcache extract --out PATH`")
+        check_arrays(manifest, str(self.path))
         self.manifest = manifest
         self._reset()
+        if strict:
+            notes = self.unit_notes()
+            _units.check_markers(self.path, manifest, notes)
+            self._check_layout(notes)
 
     # -------------------------------------------------------------------------------------------- per process
 
@@ -217,6 +286,10 @@ class StoreReader(ABC):
         """All per-view records, each an array over rows (small: read once)."""
 
     @abstractmethod
+    def unit_records(self, unit: int) -> dict[str, np.ndarray]:
+        """The per-view records of one unit's rows, as stored."""
+
+    @abstractmethod
     def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Stored (undecoded) arrays of one row, all of ``manifest["arrays"]`` or ``names``."""
 
@@ -229,6 +302,28 @@ class StoreReader(ABC):
         """Stream ``(row, stored arrays)`` over one unit; backends with a faster sequential read override it."""
         for row in self.manifest.unit_rows(unit):
             yield row, self.read_stored_row(row, names)
+
+    def read_stored_unit(self, unit: int) -> dict[str, np.ndarray]:
+        """Every stored array of one unit, stacked over its rows (a row missing from the unit leaves its arrays out).
+        """
+        rows = list(self.manifest.unit_rows(unit))
+        got = dict(self.iter_stored_unit(unit))
+        if sorted(got) != rows:
+            return {}
+        return {name: np.stack([got[r][name] for r in rows]) for name in self.manifest["arrays"]
+                if all(name in got[r] for r in rows)}
+
+    def unit_problem(self, unit: int, note: Mapping[str, Any]) -> str | None:
+        """Why unit ``unit``, marked with ``note``, cannot be trusted: its marker does not fit the manifest, it cannot
+        be read back, or what it reads back is not what was written (shapes, dtypes, CRC-32s). None when it can."""
+        problem = _units.note_problem(self.manifest, unit, note)
+        if problem:
+            return problem
+        try:
+            stored, records = self.read_stored_unit(unit), self.unit_records(unit)
+        except UNREADABLE as err:
+            return f"it cannot be read back ({type(err).__name__}: {_one_line(err)})"
+        return _units.unit_problem(self.manifest, unit, note, stored, records)
 
     def decode(self, stored: Mapping[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Stored arrays of one row (or a batch of rows) -> logical float32 targets (only ``names`` if given)."""
@@ -267,6 +362,48 @@ class StoreReader(ABC):
     def _markers(self) -> _units.Markers:
         """Where this cache keeps its unit markers."""
 
+    @abstractmethod
+    def _check_layout(self, notes: list[dict[str, Any]]) -> None:
+        """What opening checks of the stored data: every file the marked units rely on is there (and opens), with
+        the shape and dtype ``manifest["arrays"]`` gives.
+
+        Raises:
+            CacheError: naming the file and the fix.
+        """
+
+
+# Errors that reading a damaged unit raises (h5py and tarfile raise OSError/KeyError/ValueError subclasses; zarr
+# and numcodecs ValueError/RuntimeError); a TypeError or AttributeError is a bug and propagates.
+UNREADABLE = (OSError, ValueError, KeyError, IndexError, RuntimeError, EOFError, tarfile.TarError)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def check_arrays(manifest: Manifest, where: str) -> None:
+    """The stored arrays the manifest lists are the ones its targets' encodings store (names, shapes, dtypes).
+
+    Raises:
+        CacheError: naming the array that differs.
+    """
+    want: dict[str, dict[str, Any]] = {}
+    for name, target in manifest["targets"].items():
+        if not isinstance(target.get("encoding"), dict):
+            raise CacheError(f"cache {where!r}: targets.{name}.encoding is missing; the manifest is damaged")
+        want.update(encoding(target["encoding"]).arrays(name, list(target["shape"])))
+    have = manifest["arrays"]
+    for name in sorted(set(want) | set(have)):
+        w, h = want.get(name), have.get(name)
+        if w is None or h is None or list(h.get("shape", [])) != list(w["shape"]) or h.get("dtype") != w["dtype"]:
+            raise CacheError(f"cache {where!r}: manifest arrays.{name} is {_spec(h)}, but its targets store "
+                             f"{_spec(w)}; the manifest is damaged or was edited: restore it, or re-extract with "
+                             "--overwrite")
+
+
+def _spec(spec: Mapping[str, Any] | None) -> str:
+    return "absent" if spec is None else f"{spec.get('dtype')}{list(spec.get('shape', []))}"
+
 
 WRITERS: Registry[type[StoreWriter]] = Registry("store format")
 READERS: Registry[type[StoreReader]] = Registry("store format")
@@ -286,8 +423,9 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.is_file() and path.suffix in (".h5", ".hdf5") or (path / "manifest.json").is_file() and any(
             path.glob("*.h5")):
         return "hdf5"
-    if (path / "manifest.json").is_file():
-        return str(json.loads((path / "manifest.json").read_text())["storage"]["format"])
+    manifest = _units.load_manifest_json(path / _units.MANIFEST_JSON)  # validated: a damaged one says so
+    if manifest is not None:
+        return str(manifest["storage"]["format"])
     raise CacheError(f"no featcache cache at {str(path)!r}: expected a Zarr group, tar shards or HDF5 files "
                      "(create one with `featcache extract --out PATH`)")
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..durable import temp_token
 from ..errors import CacheError
-from ..manifest import Manifest, safe_relpath
+from ..manifest import RECORD_DTYPES, Manifest, safe_relpath
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 from .codecs import numcodecs_compressor
@@ -85,6 +85,18 @@ def parse_member(name: str, manifest: Manifest) -> tuple[int, str, str]:
     if array != "records" and array not in manifest["arrays"]:
         raise CacheError(f"tar member {name!r}: array {array!r} is not in the manifest ({sorted(manifest['arrays'])})")
     return int(m.group(1)) * manifest.views_per_sample + int(m.group(2)), array, ext
+
+
+def _record_columns(recs: list[Any]) -> dict[str, np.ndarray]:
+    """Per-view records (``records.json`` members) as columns of their contract dtypes.
+
+    Raises:
+        CacheError: when a member is not a records object.
+    """
+    if not recs or not all(isinstance(r, dict) and set(RECORD_DTYPES) <= set(r) for r in recs):
+        raise CacheError(f"a records.json member does not hold the records {sorted(RECORD_DTYPES)}; the shard is "
+                         "damaged: re-extract it")
+    return _units.record_arrays({k: np.asarray([r[k] for r in recs]) for k in RECORD_DTYPES})
 
 
 def _npy_bytes(value: np.ndarray, compressor) -> bytes:
@@ -195,9 +207,18 @@ class WdsReader(_units.JsonManifestLayout, StoreReader):
 
     def records(self) -> dict[str, np.ndarray]:
         if self._records is None:
-            recs = [self._member(row, "records") for row in range(len(self))]
-            self._records = _units.record_arrays({k: np.asarray([r[k] for r in recs]) for k in recs[0]})
+            self._records = _record_columns([self._member(row, "records") for row in range(len(self))])
         return dict(self._records)
+
+    def unit_records(self, unit: int) -> dict[str, np.ndarray]:
+        return _record_columns([self._member(row, "records") for row in self.manifest.unit_rows(unit)])
+
+    def _check_layout(self, notes: list[dict[str, Any]]) -> None:
+        """The tar shard of every marked unit is there (its members are validated when it is read)."""
+        for unit in _units.completed(notes):
+            if not self.shard_path(unit).is_file():
+                raise CacheError(f"shard {self.shard_path(unit)} of marked unit {unit} is missing; re-run the same "
+                                 "`featcache extract` command to redo it")
 
     def iter_stored_unit(self, unit: int, names: list[str] | None = None
                          ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

@@ -19,7 +19,6 @@ other than bytes/zstd/blosc/gzip, big-endian bytes, inner chunks other than one 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +27,7 @@ import numpy as np
 
 from ..durable import disk_bytes, fsync_path
 from ..errors import CacheError, ConfigError, UnknownNameError
-from ..manifest import RECORD_DTYPES, Manifest
+from ..manifest import RECORD_DTYPES, Manifest, check_manifest
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 
@@ -38,19 +37,34 @@ _MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest | None:
-    """The manifest stored in a Zarr cache's group attributes (plain JSON, no zarr needed); None if absent.
+    """The manifest stored in a Zarr cache's group attributes (plain JSON, no zarr needed), validated by
+    :func:`~featcache.manifest.check_manifest`; None if absent.
 
     Raises:
-        CacheError: when ``zarr.json`` is not valid JSON.
+        CacheError: when ``zarr.json`` is not valid JSON, not group metadata, or holds an invalid manifest.
     """
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
         return None
-    try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{meta} is not valid JSON ({e}); the cache is damaged, re-extract with --overwrite") from e
-    return Manifest(attrs["featcache"]) if "featcache" in attrs else None
+    attrs = _node_meta(meta, "group").get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise CacheError(f"{meta}: attributes is a JSON {type(attrs).__name__}, not an object; the cache is damaged: "
+                         "re-extract it with --overwrite")
+    return check_manifest(attrs["featcache"], f"{meta} (attributes.featcache)") if "featcache" in attrs else None
+
+
+def _node_meta(meta: Path, node_type: str) -> dict[str, Any]:
+    """A Zarr v3 ``zarr.json`` of a group or an array, checked to be one.
+
+    Raises:
+        CacheError: one line naming the file, for anything that is not such metadata (a JSON list, another node).
+    """
+    doc = _units.read_json(meta)
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != node_type:
+        kind = f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else f"node_type {doc.get('node_type')!r}"
+        raise CacheError(f"{meta} is {kind}, not Zarr v3 {node_type} metadata; the cache is damaged: re-extract it "
+                         "with --overwrite")
+    return doc
 
 
 class ZarrMarkers(_units.Markers):
@@ -78,12 +92,19 @@ class ZarrMarkers(_units.Markers):
         return notes
 
     def write(self, unit: int, note: Mapping[str, Any]) -> None:
+        self._open()[unit] = _units.note_json(note)
+        fsync_path(self.path / MARKERS / "c" / str(unit))
+
+    def clear(self, unit: int) -> None:
+        self._open()[unit] = ""  # the fill value: zarr deletes the chunk
+        fsync_path(self.path / MARKERS / "c")
+
+    def _open(self) -> Any:
         import zarr
 
         if self._array is None:
             self._array = zarr.open_array(str(self.path / MARKERS), mode="r+")
-        self._array[unit] = _units.note_json(note)
-        fsync_path(self.path / MARKERS / "c" / str(unit))
+        return self._array
 
 
 def zarr_compressors(spec: Mapping[str, Any] | None) -> list[Any] | None:
@@ -256,6 +277,15 @@ class _ShardedArray:
         return np.frombuffer(buf, dtype=self.dtype.newbyteorder("<")).reshape(self.shape[1:])
 
 
+def _same_dtype(stored: Any, dtype: str) -> bool:
+    if dtype == "str":
+        return stored == "string"
+    try:
+        return np.dtype(stored) == np.dtype(dtype)
+    except TypeError:
+        return False
+
+
 def _decompressor(spec: Mapping[str, Any]) -> Any:
     import numcodecs
 
@@ -288,12 +318,43 @@ class ZarrReader(StoreReader):
             if name not in self.manifest["arrays"]:
                 raise UnknownNameError(f"no array {name!r} in cache {str(self.path)!r}; it has "
                                        f"{list(self.manifest['arrays'])}")
-            meta = json.loads((self.path / name / "zarr.json").read_text())
-            ndim = 1 + len(self.manifest["arrays"][name]["shape"])
-            if meta.get("node_type") != "array" or len(meta["shape"]) != ndim:
-                raise CacheError(f"{self.path / name / 'zarr.json'} does not describe the array the manifest lists")
+            spec = self.manifest["arrays"][name]
+            meta = self._array_meta(name, [self.manifest.num_rows, *spec["shape"]], spec["dtype"])
             self._layout[name] = _ShardedArray(self.path, name, meta)
         return self._layout[name]
+
+    def _array_meta(self, name: str, shape: list[int], dtype: str) -> dict[str, Any]:
+        """An array's ``zarr.json``, checked to hold the shape and dtype the manifest gives it.
+
+        Raises:
+            CacheError: naming the file, when it is not array metadata or its shape or dtype differ.
+        """
+        meta_path = self.path / name / "zarr.json"
+        if not meta_path.is_file():
+            raise CacheError(f"array {name!r} of cache {str(self.path)!r} is missing ({meta_path}); the cache is "
+                             "damaged: re-extract it with --overwrite")
+        meta = _node_meta(meta_path, "array")
+        stored = meta.get("data_type")
+        if meta.get("shape") != shape or stored != "bfloat16" and not _same_dtype(stored, dtype):
+            raise CacheError(f"{meta_path} holds {stored}{meta.get('shape')}, but the manifest gives {dtype}{shape} "
+                             "(an edited manifest, or a damaged cache): restore the manifest, or re-extract with "
+                             "--overwrite")
+        return meta
+
+    def _check_layout(self, notes: list[dict[str, Any]]) -> None:
+        """Every array's metadata (shape, dtype), the markers' length, and a shard of every array for every marked
+        unit."""
+        m = self.manifest
+        for name in m["arrays"]:
+            arr = self._array_layout(name)
+            for unit in _units.completed(notes):
+                if arr.fast and not arr.shard_path(unit).is_file():
+                    raise CacheError(f"shard {arr.shard_path(unit)} of marked unit {unit} is missing; re-run the same "
+                                     "`featcache extract` command to redo it")
+        params = len(m["views"]["param_names"])
+        for name, dtype in RECORD_DTYPES.items():
+            self._array_meta(f"{RECORDS}/{name}", [m.num_rows, params] if name == "params" else [m.num_rows], dtype)
+        self._array_meta(MARKERS, [m.num_units], "str")
 
     def _shard(self, arr: _ShardedArray, shard: int) -> tuple[int, np.ndarray]:
         key = (arr.name, shard)
@@ -327,6 +388,13 @@ class ZarrReader(StoreReader):
 
         group = zarr.open_group(str(self.path / RECORDS), mode="r")
         return {name: np.asarray(group[name][:]) for name in RECORD_DTYPES}
+
+    def unit_records(self, unit: int) -> dict[str, np.ndarray]:
+        import zarr
+
+        rows = self.manifest.unit_rows(unit)
+        group = zarr.open_group(str(self.path / RECORDS), mode="r")
+        return {name: np.asarray(group[name][rows.start:rows.stop]) for name in RECORD_DTYPES}
 
     def array_nbytes(self) -> dict[str, int]:
         """Bytes of each array's directory (shards, their indexes and the array's zarr.json)."""

@@ -57,7 +57,7 @@ def _plain_hdf5(path: Path, m) -> tuple[dict, dict]:
     recs = {"sample": np.zeros(m.num_rows, "int64"), "params": np.zeros((m.num_rows, 3))}
     for part in sorted(path.glob("part-*.h5")):
         with h5py.File(part, "r") as f:
-            for unit in json.loads(f.attrs["units"]):
+            for unit in np.flatnonzero(f["units"][:]):  # the units this part holds
                 sl = slice(unit * m.shard_size, min((unit + 1) * m.shard_size, m.num_rows))
                 for n in arrays:
                     arrays[n][sl] = f[n][sl]
