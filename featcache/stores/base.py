@@ -87,7 +87,7 @@ class StoreWriter(ABC):
         try:
             self._reader(strict=True).close()
         except CacheError as err:
-            warnings.warn(f"{err}; resuming it", stacklevel=3)
+            warnings.warn(f"resuming {str(self.path)!r}, whose manifest says it is complete: {err}", stacklevel=4)
             self._manifest["complete"] = False
 
     def _reader(self, strict: bool) -> "StoreReader":

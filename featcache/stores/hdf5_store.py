@@ -84,7 +84,7 @@ class Hdf5Writer(_units.JsonManifestWriter, StoreWriter):
                 fsync_path(tmp)
                 self._part = self._claim_name(tmp)
             except BaseException:
-                f.close()
+                _discard(f)
                 tmp.unlink(missing_ok=True)
                 raise
             self._file = f
@@ -133,13 +133,19 @@ class Hdf5Writer(_units.JsonManifestWriter, StoreWriter):
         f = self._open()
         rows = self._manifest.unit_rows(unit)
         sl = slice(rows.start, rows.stop)
-        for name, value in targets.items():
-            f[name][sl] = value
-        for name, value in records.items():
-            f[f"records/{name}"][sl] = value
-        f[UNITS][unit] = 1
-        f.flush()
-        fsync_path(self._part)
+        # Every dataset is held here until the writes are over: a failed write must reach _discard while none has
+        # been released (releasing one flushes its chunk cache, which fails again and leaves HDF5 broken).
+        datasets = {**{n: f[n] for n in targets}, **{n: f[f"records/{n}"] for n in records}, UNITS: f[UNITS]}
+        try:
+            for name, value in {**targets, **records}.items():
+                datasets[name][sl] = value
+            datasets[UNITS][unit] = 1
+            f.flush()
+            fsync_path(self._part)
+        except BaseException:  # a full disk, say: this part takes no more writes (a resume checks what it holds)
+            _discard(f)
+            self._file = None
+            raise
         return {"file": self._part.name}
 
     def close(self) -> None:
@@ -272,6 +278,23 @@ class Hdf5Reader(_units.JsonManifestLayout, StoreReader):
             for name in out:
                 out[name] += f[name].id.get_storage_size()
         return out
+
+
+def _discard(f: Any) -> None:
+    """Close a part whose write failed, leaving its bytes as they are on disk.
+
+    HDF5 flushes dirty metadata when a file closes, and again at interpreter exit; after a failed write (a full disk)
+    that flush fails too, and HDF5 then crashed the process (SIGSEGV). So the part's descriptor is first pointed at
+    ``/dev/null``: the closing flush succeeds and writes nothing.
+    """
+    try:
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+        f.close()
+    except (OSError, RuntimeError, ValueError):  # nothing more can be done for this part; its units are re-checked
+        pass
 
 
 def _layout_problem(f: Any, m: Manifest) -> str | None:
