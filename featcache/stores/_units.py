@@ -113,6 +113,11 @@ def unit_crc32(arrays: Mapping[str, np.ndarray], records: Mapping[str, np.ndarra
 
 # ------------------------------------------------------------------------------------------------ integrity
 
+class StoreBusy(CacheError):
+    """A file of the cache is held by a running writer (HDF5's file lock): nothing is wrong with it, so a resume
+    must not redo its units; the message says to wait."""
+
+
 def note_problem(manifest: Manifest, unit: int, note: Mapping[str, Any]) -> str | None:
     """Why a unit's marker does not fit the manifest (None when it does)."""
     rows = manifest.unit_rows(unit)

@@ -321,6 +321,8 @@ class StoreReader(ABC):
             return problem
         try:
             stored, records = self.read_stored_unit(unit), self.unit_records(unit)
+        except _units.StoreBusy:  # held by a live writer: not damaged, and not ours to redo
+            raise
         except UNREADABLE as err:
             return f"it cannot be read back ({type(err).__name__}: {_one_line(err)})"
         return _units.unit_problem(self.manifest, unit, note, stored, records)

@@ -203,9 +203,8 @@ class Hdf5Reader(_units.JsonManifestLayout, StoreReader):
             try:
                 f = h5py.File(self.path / name, "r")
             except OSError as err:
-                raise CacheError(f"part {self.path / name} cannot be opened ({' '.join(str(err).split())}); re-run "
-                                 "the same `featcache extract` command: it redoes the units of a part it cannot read "
-                                 "back") from None
+                busy = "unable to lock file" in str(err)
+                raise (_units.StoreBusy if busy else CacheError)(_open_failure(self.path / name, err)) from None
             problem = _layout_problem(f, self.manifest)
             if problem:
                 f.close()
@@ -295,6 +294,17 @@ def _discard(f: Any) -> None:
         f.close()
     except (OSError, RuntimeError, ValueError):  # nothing more can be done for this part; its units are re-checked
         pass
+
+
+def _open_failure(path: Path, err: OSError) -> str:
+    """Why a part did not open, and the fix: a running writer holds HDF5's file lock; anything else (a part that a
+    featcache 0.1 writer left open for write when it was killed, a damaged file) is redone by a resume."""
+    reason = " ".join(str(err).split())
+    if "unable to lock file" in reason:  # HDF5's message; errno is EAGAIN
+        return (f"part {path} is being written by a running extraction (HDF5 file lock: {reason}); wait for it to "
+                "finish, or stop it")
+    return (f"part {path} cannot be opened ({reason}); re-run the same `featcache extract` command: it redoes the "
+            "units of a part it cannot read back")
 
 
 def _layout_problem(f: Any, m: Manifest) -> str | None:

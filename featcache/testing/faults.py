@@ -2,8 +2,8 @@
 
 * :func:`killed_extraction` forks a child that runs ``run_extract`` and SIGKILLs it after a delay, or just before
   its k-th ``os.fsync`` (every durable write goes through one, so k walks through the writes of every unit).
-* :func:`small_tmpfs_command` wraps a shell command in a private mount namespace holding a small tmpfs, where the
-  machine allows one (``unshare -m``); :func:`can_mount_tmpfs` says whether it does.
+* :func:`tmpfs_command` wraps a shell command in a private mount namespace holding small tmpfs mounts, where the
+  machine allows them (``unshare -m``); :func:`can_mount_tmpfs` says whether it does.
 * :func:`cache_content` is a cache as its reader sees it, for backends whose files legitimately differ between runs
   (HDF5 parts are named per writer process); :func:`tree_bytes` is every file's bytes, for the others.
 """
@@ -110,14 +110,16 @@ def count_fsyncs(run: Callable[[], Any]) -> int:
 
 def can_mount_tmpfs(where: str | Path) -> bool:
     """Whether this machine lets a test mount a tmpfs in a private mount namespace (``unshare -m``, as root)."""
-    probe = small_tmpfs_command(where, 64 * 1024, "true")
+    probe = tmpfs_command([(where, 64 * 1024)], "true")
     try:
         return subprocess.run(probe, shell=True, capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
-def small_tmpfs_command(where: str | Path, size: int, command: str) -> str:
-    """A shell line running ``command`` with a tmpfs of ``size`` bytes mounted at ``where``, seen by it alone."""
-    inner = f"mount -t tmpfs -o size={max(size // 1024, 64)}k tmpfs {shlex.quote(str(where))} && {command}"
-    return f"unshare -m sh -c {shlex.quote(inner)}"
+def tmpfs_command(mounts: list[tuple[str | Path, int]], command: str) -> str:
+    """A shell line running ``command`` with a tmpfs of ``size`` bytes at each ``(where, size)``, seen by it alone
+    (a private mount namespace: nothing is mounted for anyone else, and everything goes when it exits)."""
+    mount = " && ".join(f"mount -t tmpfs -o size={max(size // 1024, 64)}k tmpfs {shlex.quote(str(where))}"
+                        for where, size in mounts)
+    return f"unshare -m sh -c {shlex.quote(f'{mount} && {command}')}"
