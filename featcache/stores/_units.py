@@ -122,7 +122,8 @@ def note_problem(manifest: Manifest, unit: int, note: Mapping[str, Any]) -> str 
     """Why a unit's marker does not fit the manifest (None when it does)."""
     rows = manifest.unit_rows(unit)
     if note.get("rows") != [rows.start, rows.stop]:
-        return f"its marker covers rows {note.get('rows')}, but the manifest puts rows [{rows.start}, {rows.stop}] there"
+        return (f"its marker covers rows {note.get('rows')}, but the manifest puts rows [{rows.start}, {rows.stop}] "
+                "there")
     seal = manifest.seal_digest()
     if "seal" in note and note["seal"] != seal:
         return f"its marker was written under another manifest (seal {note['seal']}, the manifest's is {seal})"

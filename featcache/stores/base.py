@@ -156,7 +156,8 @@ class StoreWriter(ABC):
         with _units.disk_errors(self.path):
             done = self.completed_units()
             notes = self._markers().read(self._manifest.num_units)
-            manifest = _units.finalized(self.path, self._manifest, [n if u in done else {} for u, n in enumerate(notes)])
+            trusted = [note if unit in done else {} for unit, note in enumerate(notes)]
+            manifest = _units.finalized(self.path, self._manifest, trusted)
             self._reader(strict=True).close()  # every marker fits, every part opens: only then claim completion
             _units.sweep_debris(self.path)
             self._save_manifest(manifest)
