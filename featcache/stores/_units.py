@@ -228,8 +228,9 @@ def disk_errors(root: Path) -> Iterator[None]:
                          "units already written are kept") from None
 
 
-# Temp files of killed writers: ours (".<name>.tmp", ".<name>.tmp-<pid>") and zarr-python's ("<key>.<uuid>.partial").
-_DEBRIS = re.compile(r"^\..+\.tmp(-\d+)?$|\.[0-9a-f]{32}\.partial$")
+# Temp files of killed writers: ours (".<name>.tmp-<token>", ".<name>.<token>.tmp", with durable.temp_token()'s
+# "<pid>-<hex>") and zarr-python's ("<key>.<uuid4 hex>.partial").
+_DEBRIS = re.compile(r"^\..+\.tmp(-[0-9a-f-]+)?$|\.[0-9a-f]{32}\.partial$")
 
 
 def sweep_debris(root: Path) -> list[Path]:

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..durable import fsync_path
+from ..durable import fsync_path, temp_token
 from ..errors import CacheError
 from ..manifest import RECORD_DTYPES, Manifest, safe_relpath
 from . import _units
@@ -76,7 +76,7 @@ class Hdf5Writer(_units.JsonManifestWriter, StoreWriter):
         import h5py
 
         if self._file is None:
-            tmp = self.path / f".part.tmp-{os.getpid()}"
+            tmp = self.path / f".part.tmp-{temp_token()}"
             f = h5py.File(tmp, "w", libver=LIBVER)
             try:
                 self._lay_out(f)

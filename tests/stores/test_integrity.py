@@ -96,9 +96,10 @@ def test_other_errors_pass_through(tmp_path, err):
 
 def test_sweep_debris_removes_only_temp_files(tmp_path):
     keep = ["manifest.json", "shard-000001.tar", "part-000.h5", "block_0/c/1/0/0", "_featcache/units/unit-000001.json"]
-    debris = [".shard-000002.tar.tmp", ".manifest.json.tmp-4242", ".part.tmp-17", "_featcache/units/.unit-000003.json"
-              ".tmp-9", "block_0/c/2/0/0.0123456789abcdef0123456789abcdef.partial", "zarr.0123456789abcdef0123456789ab"
-              "cdef.partial"]
+    debris = [".shard-000002.tar.4242-0a1b2c3d.tmp", ".manifest.json.tmp-4242-9f8e7d6c", ".part.tmp-17-00ff00ff",
+              "_featcache/units/.unit-000003.json.tmp-9-12345678", ".shard-000001.tar.tmp",
+              "block_0/c/2/0/0.0123456789abcdef0123456789abcdef.partial",
+              "zarr.0123456789abcdef0123456789abcdef.partial"]
     for name in keep + debris:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
