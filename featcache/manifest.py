@@ -291,12 +291,18 @@ def _count_problems(m: Manifest) -> list[str]:
 
 
 def _path_problems(m: Manifest) -> list[str]:
-    """``data.root`` must be an absolute local path; every source a safe relative path with a label in range."""
-    root = m["data"]["root"]
+    """``data.root`` must be an absolute local path, ``teacher.checkpoint`` a local one; every source a safe relative
+    path with a label in range."""
+    root, checkpoint = m["data"]["root"], m["teacher"].get("checkpoint")
     if _SCHEME_RE.match(root):
         return [f"data.root {root!r} is a URL; featcache reads local paths only"]
     if "\x00" in root or not PurePosixPath(root).is_absolute():
         return [f"data.root {root!r} is not an absolute path"]
+    if checkpoint is not None and (not isinstance(checkpoint, str) or "\x00" in checkpoint or
+                                   _SCHEME_RE.match(checkpoint)):
+        return [f"teacher.checkpoint {_short(checkpoint)} is not a local file path"]
+    if not isinstance(m.get("teacher_kwargs", {}), dict):
+        return [f"teacher_kwargs is {_short(m['teacher_kwargs'])}, expected an object of timm keyword arguments"]
     classes = m["data"].get("classes")
     num_classes = len(classes) if isinstance(classes, list) else None
     for i, entry in enumerate(m["data"].get("sources") or []):

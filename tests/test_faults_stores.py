@@ -310,6 +310,8 @@ EDITS = {
     "data.root relative": (lambda m: m["data"].update(root="images"), r"data.root 'images' is not an absolute path"),
     "sources escape": (lambda m: m["data"].update(sources=[["../../etc/passwd", 0]] * 5),
                        r"data.sources\[0\] .*unsafe path '../../etc/passwd'"),
+    "checkpoint url": (lambda m: m["teacher"].update(checkpoint="https://x/w.pth"), r"teacher.checkpoint "
+                       r"\"https://x/w.pth\" is not a local file path"),
     "missing key": (lambda m: m.pop("views"), r"views is missing"),
     "wrong type": (lambda m: m.update(num_rows="15"), r"num_rows is str \"15\", expected int"),
 }
