@@ -77,7 +77,16 @@ class FileMarkers(Markers):
 
     def clear(self, unit: int) -> None:
         self.path(unit).unlink(missing_ok=True)
-        fsync_path(self.dir)
+        sync_dir(self.dir)
+
+
+def sync_dir(path: Path) -> None:
+    """fsync one directory (its entries: a deleted marker stays deleted), not the files below it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def unit_note(manifest: Manifest, unit: int, skipped: list[str] | None, **extra: Any) -> dict[str, Any]:

@@ -106,22 +106,24 @@ class StoreWriter(ABC):
         if todo:
             reader = self._reader(strict=False)
             try:
-                for unit in todo:
-                    problem = reader.unit_problem(unit, notes[unit])
-                    if problem is None:
-                        self._trusted.add(unit)
-                    else:
-                        self._untrust(unit, problem)
+                problems = {u: p for u in todo if (p := reader.unit_problem(u, notes[u])) is not None}
             finally:
                 reader.close()
+            self._trusted.update(u for u in todo if u not in problems)
+            self._untrust(problems)
         return marked & self._trusted
 
-    def _untrust(self, unit: int, problem: str) -> None:
+    def _untrust(self, problems: Mapping[int, str]) -> None:
+        """Un-mark the units that cannot be trusted (so they are redone), and say which and why in one warning."""
+        if not problems:
+            return
         with _units.disk_errors(self.path):
-            self._markers().clear(unit)
-        self.redone[unit] = problem
-        warnings.warn(f"cache {str(self.path)!r}: unit {unit} cannot be trusted ({problem}); it will be redone",
-                      stacklevel=3)
+            for unit in problems:
+                self._markers().clear(unit)
+        self.redone.update(problems)
+        shown = "; ".join(f"unit {u}: {why}" for u, why in list(problems.items())[:3])
+        warnings.warn(f"cache {str(self.path)!r}: {len(problems)} unit(s) cannot be trusted and will be redone "
+                      f"({shown}{'; ...' if len(problems) > 3 else ''})", stacklevel=3)
 
     def write_unit(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
                    skipped: list[str] | None = None) -> None:
@@ -305,8 +307,8 @@ class StoreReader(ABC):
             yield row, self.read_stored_row(row, names)
 
     def read_stored_unit(self, unit: int) -> dict[str, np.ndarray]:
-        """Every stored array of one unit, stacked over its rows (a row missing from the unit leaves its arrays out).
-        """
+        """Every stored array of one unit, stacked over its rows; an array some row lacks is left out, and nothing is
+        returned when the rows read are not the unit's (what was read back is then compared with the note)."""
         rows = list(self.manifest.unit_rows(unit))
         got = dict(self.iter_stored_unit(unit))
         if sorted(got) != rows:

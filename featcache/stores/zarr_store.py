@@ -97,7 +97,7 @@ class ZarrMarkers(_units.Markers):
 
     def clear(self, unit: int) -> None:
         self._open()[unit] = ""  # the fill value: zarr deletes the chunk
-        fsync_path(self.path / MARKERS / "c")
+        _units.sync_dir(self.path / MARKERS / "c")
 
     def _open(self) -> Any:
         import zarr
