@@ -263,7 +263,8 @@ def _consistency_problems(m: Manifest) -> list[str]:
     blocks = sorted(block_index(n) for n in m["targets"] if is_block(n))
     if blocks != sorted(m["layers"]):
         out.append(f"block targets {[block_name(b) for b in blocks]} do not match layers {m['layers']}")
-    classes, logits = m["teacher"].get("num_classes"), m["targets"].get("logits", {}).get("shape")
+    classes, logits = m["teacher"].get("num_classes"), m["targets"].get("logits")
+    logits = logits.get("shape") if isinstance(logits, dict) else None
     if isinstance(classes, int) and logits not in (None, [classes]):
         out.append(f"targets.logits.shape {logits} does not match teacher.num_classes {classes}")
     return out
@@ -279,7 +280,7 @@ def _count_problems(m: Manifest) -> list[str]:
         out.append(f"views.count {views}, storage.shard_size {shard} and num_samples {samples} must be positive")
     elif rows != samples * views:
         out.append(f"num_rows {rows} is not num_samples {samples} x views.count {views}")
-    if "num_units" in m and m["num_units"] != m.num_units:
+    if "num_units" in m and shard >= 1 and m["num_units"] != m.num_units:
         out.append(f"num_units {m['num_units']} does not match num_rows / storage.shard_size ({m.num_units})")
     if not isinstance(m.get("complete", False), bool):
         out.append(f"complete is {_short(m['complete'])}, expected true or false")

@@ -312,6 +312,8 @@ EDITS = {
                        r"data.sources\[0\] .*unsafe path '../../etc/passwd'"),
     "checkpoint url": (lambda m: m["teacher"].update(checkpoint="https://x/w.pth"), r"teacher.checkpoint "
                        r"\"https://x/w.pth\" is not a local file path"),
+    "shard_size 0": (lambda m: m["storage"].update(shard_size=0), r"storage.shard_size 0 .* must be positive"),
+    "target not an object": (lambda m: m["targets"].update(logits=3), r"targets.logits.shape is null"),
     "missing key": (lambda m: m.pop("views"), r"views is missing"),
     "wrong type": (lambda m: m.update(num_rows="15"), r"num_rows is str \"15\", expected int"),
 }
@@ -362,6 +364,10 @@ def test_unsealed_manifests(tmp_path, fmt):
     open_reader(tmp_path / "old")
     _edit(tmp_path / "old", fmt, lambda m: m.update(num_rows=10))
     with pytest.raises(CacheError, match="num_rows 10 is not num_samples 6 x views.count 2"):
+        open_reader(tmp_path / "old")
+    _edit(tmp_path / "old", fmt, lambda m: m.update(num_rows=12) or m["targets"]["logits"]["encoding"].update(
+        kind={"float": 1}))
+    with pytest.raises(CacheError, match=r"targets.logits.encoding .* is not an encoding featcache can read"):
         open_reader(tmp_path / "old")
     m = toy_manifest(fmt)
     write_toy(tmp_path / "new", m, toy_targets(m), toy_records(m))

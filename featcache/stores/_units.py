@@ -151,6 +151,8 @@ def unit_problem(manifest: Manifest, unit: int, note: Mapping[str, Any], stored:
     if any(np.shape(records.get(k))[:1] != (n,) for k in RECORD_DTYPES):
         return f"its records do not cover its {n} rows"
     crc = note.get("crc32")
+    if crc is not None and not isinstance(crc, dict):
+        return f"its marker's crc32 is {type(crc).__name__}, not a mapping of CRC-32s"
     if crc is not None:
         now = unit_crc32(stored, record_arrays(records))
         bad = sorted(k for k in set(crc) | set(now) if crc.get(k) != now.get(k))

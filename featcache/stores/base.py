@@ -394,9 +394,13 @@ def check_arrays(manifest: Manifest, where: str) -> None:
     """
     want: dict[str, dict[str, Any]] = {}
     for name, target in manifest["targets"].items():
-        if not isinstance(target.get("encoding"), dict):
-            raise CacheError(f"cache {where!r}: targets.{name}.encoding is missing; the manifest is damaged")
-        want.update(encoding(target["encoding"]).arrays(name, list(target["shape"])))
+        spec = target.get("encoding")
+        try:
+            want.update(encoding(spec).arrays(name, list(target["shape"])))
+        except (AttributeError, KeyError, TypeError, ValueError) as err:  # a spec lacking keys or of wrong types
+            raise CacheError(f"cache {where!r}: targets.{name}.encoding {spec!r} is not an encoding featcache can "
+                             f"read ({type(err).__name__}: {err}); the manifest is damaged or was edited: restore "
+                             "it, or re-extract with --overwrite") from None
     have = manifest["arrays"]
     for name in sorted(set(want) | set(have)):
         w, h = want.get(name), have.get(name)
