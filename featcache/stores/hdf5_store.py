@@ -173,8 +173,11 @@ class Hdf5Reader(_units.JsonManifestLayout, StoreReader):
     def _check_layout(self, notes: list[dict[str, Any]]) -> None:
         """Every part a marker names opens, has the datasets the manifest gives, and holds the units marked in it."""
         self.unit_files = {u: str(n.get("file", "")) for u, n in enumerate(notes) if n}
-        for unit, name in sorted(self.unit_files.items()):
-            self._check_holds(self._open_part(name), unit)
+        try:
+            for unit, name in sorted(self.unit_files.items()):
+                self._check_holds(self._open_part(name), unit)
+        finally:  # opened again when read: a DataLoader worker forked now inherits no HDF5 handle
+            self._close_handles()
 
     def _fresh_handles(self) -> None:
         self._files: dict[str, Any] = {}
