@@ -11,7 +11,8 @@ import secrets
 from pathlib import Path
 
 
-def _fsync_fd_of(path: Path) -> None:
+def sync_path(path: str | os.PathLike) -> None:
+    """fsync one file or one directory (its entries: a deleted file stays deleted), not what lies below it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -24,9 +25,9 @@ def fsync_path(path: str | os.PathLike) -> None:
     path = Path(path)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
-        _fsync_fd_of(f)
+        sync_path(f)
     for d in {f.parent for f in files} | ({path} if path.is_dir() else set()):
-        _fsync_fd_of(d)
+        sync_path(d)
 
 
 def temp_token() -> str:
@@ -43,7 +44,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_fd_of(path.parent)
+    sync_path(path.parent)
 
 
 def disk_bytes(path: str | os.PathLike) -> int:

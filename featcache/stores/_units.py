@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..durable import fsync_path, write_atomic
+from ..durable import fsync_path, sync_path, write_atomic
 from ..errors import CacheError, FeatcacheError
 from ..manifest import RECORD_DTYPES, Manifest, check_manifest, diff_keys
 
@@ -77,16 +77,7 @@ class FileMarkers(Markers):
 
     def clear(self, unit: int) -> None:
         self.path(unit).unlink(missing_ok=True)
-        sync_dir(self.dir)
-
-
-def sync_dir(path: Path) -> None:
-    """fsync one directory (its entries: a deleted marker stays deleted), not the files below it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_path(self.dir)
 
 
 def unit_note(manifest: Manifest, unit: int, skipped: list[str] | None, **extra: Any) -> dict[str, Any]:

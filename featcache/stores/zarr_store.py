@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..durable import disk_bytes, fsync_path
+from ..durable import disk_bytes, fsync_path, sync_path
 from ..errors import CacheError, ConfigError, UnknownNameError
 from ..manifest import RECORD_DTYPES, Manifest, check_manifest
 from . import _units
@@ -97,7 +97,7 @@ class ZarrMarkers(_units.Markers):
 
     def clear(self, unit: int) -> None:
         self._open()[unit] = ""  # the fill value: zarr deletes the chunk
-        _units.sync_dir(self.path / MARKERS / "c")
+        sync_path(self.path / MARKERS / "c")
 
     def _open(self) -> Any:
         import zarr
