@@ -42,6 +42,13 @@ class ConfigError(FeatcacheError, ValueError):
     """A config value, option, recipe or spec is invalid; the message names the value and the fix."""
 
 
+class MethodArgumentError(ConfigError, TypeError):
+    """A method got a keyword argument it does not take (a ``--method-arg`` typo).
+
+    Also a ``TypeError``, as Python's own error for an unknown keyword is, so callers that catch that keep working.
+    """
+
+
 class UnknownNameError(FeatcacheError, KeyError):
     """A registry lookup (method, store format, view op, encoding, ...) found no such name; the message lists them."""
 

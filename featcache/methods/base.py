@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn as nn
 
-from ..errors import CompatError, ConfigError
+from ..errors import CompatError, ConfigError, MethodArgumentError
 from ..manifest import Manifest, block_name
 from ..models import count_blocks, forward_taps, resolve_layer
 from ..registry import Registry
@@ -54,13 +54,6 @@ def student_forward(student: nn.Module, images: torch.Tensor, layers: list[int])
         return StudentOutput(student(images), {}, npt, norm)
     final, feats = forward_taps(student, images, layers)
     return StudentOutput(student.forward_head(final), dict(zip(layers, feats)), npt, norm)
-
-
-class MethodArgumentError(ConfigError, TypeError):
-    """A method got a keyword argument it does not take (a ``--method-arg`` typo).
-
-    Also a ``TypeError``, as Python's own error for an unknown keyword is, so callers that catch that keep working.
-    """
 
 
 @dataclass
