@@ -211,6 +211,17 @@ def test_complete_cache_made_differently_is_refused(cache, tmp_path):
     assert rec.calls == []
 
 
+def test_complete_cache_with_other_storage_or_teacher_kwargs_is_refused(cache, tmp_path):
+    """Every key of the storage section and the teacher's extra kwargs count, not only format and dtype."""
+    extract = {"data": str(cache.parent / "images"), "teacher": "deit3_small", "pretrained": False, "img_size": 32,
+               "teacher_kwargs": {"depth": 3, "drop_rate": 0.0}, "layers": [0, 1, -1], "views": 2,
+               "shard_size": 1, "codec": "int8+zstd"}
+    rec = Recorder()
+    with pytest.raises(SweepError, match=r"different \['teacher_kwargs', 'shard_size', 'codec'\]"):
+        run_sweep(spec_for(cache, tmp_path / "runs", extract=extract), train_fn=rec, log=lambda s: None)
+    assert rec.calls == []
+
+
 def test_extract_layers_resolve_as_extract_resolves_them(cache, tmp_path):
     """Block indices follow timm's feature_take_indices contract here as in `extract`: -1 is the last block, and an
     index past the end is refused (``i % num_blocks`` used to map 5 onto block 2 of this 3-block teacher)."""

@@ -37,6 +37,8 @@ def extract_mismatch(extract: ExtractConfig, manifest: Mapping[str, Any]) -> lis
     Raises:
         SweepError: when ``extract.layers`` names a block the cache's teacher does not have (extraction refuses it).
     """
+    from ..extract import storage_section  # torch-free, but featcache.extract imports the teacher stack
+
     teacher = manifest.get("teacher", {})
     subset, views, storage = manifest.get("subset", {}), manifest.get("views", {}), manifest.get("storage", {})
     checks = {
@@ -51,9 +53,10 @@ def extract_mismatch(extract: ExtractConfig, manifest: Mapping[str, Any]) -> lis
         "views": (extract.views, views.get("count")),
         "seed": (extract.seed, views.get("seed", extract.seed)),
         "view recipe": (_view_recipe(extract, manifest), views.get("recipe")),
-        "format": (extract.format, storage.get("format", extract.format)),
-        "dtype": (extract.dtype, storage.get("dtype", extract.dtype)),
+        "teacher_kwargs": (dict(extract.teacher_kwargs), manifest.get("teacher_kwargs", {})),
     }
+    # the storage section is a function of the config alone: compare all of it (keys an older cache lacks match)
+    checks.update({key: (want, storage.get(key, want)) for key, want in storage_section(extract).items()})
     return [k for k, (want, have) in checks.items() if want != have]
 
 
