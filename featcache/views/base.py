@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 
+from ..errors import ConfigError
 from ..registry import Registry
 from .mix import MIX_PARAMS, Mix
 
@@ -77,17 +78,17 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; known: {sorted(INTERPOLATIONS)}")
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}; known: {sorted(INTERPOLATIONS)}")
         sizing = [i for i, op in enumerate(self.ops) if op.sets_size]
         if len(sizing) != 1:
-            raise ValueError(f"a recipe needs exactly one sizing op (rrc or resize_center), got "
-                             f"{[op.name for op in self.ops]}")
+            raise ConfigError(f"a recipe needs exactly one sizing op (rrc or resize_center), got "
+                              f"{[op.name for op in self.ops]}")
         early = [op.name for op in self.ops[:sizing[0]] if op.after_size]
         if early:
-            raise ValueError(f"view ops {early} work on the {self.img_size} px output; put them after "
-                             f"{self.ops[sizing[0]].name}")
+            raise ConfigError(f"view ops {early} work on the {self.img_size} px output; put them after "
+                              f"{self.ops[sizing[0]].name}")
         if int(self.img_size) < 1:
-            raise ValueError(f"img_size must be >= 1, got {self.img_size}")
+            raise ConfigError(f"img_size must be >= 1, got {self.img_size}")
         bounds = np.cumsum([0] + [len(op.params) for op in self.ops])
         object.__setattr__(self, "_slices", tuple(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])))
 
@@ -141,8 +142,8 @@ def _op_from_dict(spec: Mapping[str, Any]) -> ViewOp:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "name"}
     known = [f.name for f in fields(op_cls)]
     if set(kwargs) - set(known):
-        raise ValueError(f"view op {spec['name']!r} got unknown settings {sorted(set(kwargs) - set(known))}; "
-                         f"known: {known}")
+        raise ConfigError(f"view op {spec['name']!r} got unknown settings {sorted(set(kwargs) - set(known))}; "
+                          f"known: {known}")
     return op_cls(**kwargs)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from ..errors import ConfigError
 from .base import OPS, Recipe, ViewOp
 
 
@@ -31,7 +32,7 @@ class ColorJitter(ViewOp):
 
     def __post_init__(self) -> None:
         if min(self.brightness, self.contrast, self.saturation, self.hue) < 0 or self.hue > 0.5:
-            raise ValueError(f"color jitter strengths must be >= 0 (hue <= 0.5), got {self.to_dict()}")
+            raise ConfigError(f"color jitter strengths must be >= 0 (hue <= 0.5), got {self.to_dict()}")
 
     def sample(self, rng: np.random.Generator, image_hw: tuple[int, int], recipe: Recipe) -> list[float]:
         order = rng.permutation(4)

@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .base import OPS, Recipe, ViewOp
 
 #: timm's ``IMAGENET_DEFAULT_MEAN`` / ``IMAGENET_DEFAULT_STD`` (the recipe records the teacher's own).
@@ -58,10 +59,10 @@ class RandomErasing(ViewOp):
 
     def __post_init__(self) -> None:
         if self.mode not in ERASE_MODES:
-            raise ValueError(f"random erasing mode {self.mode!r} is not one of {', '.join(ERASE_MODES)}")
+            raise ConfigError(f"random erasing mode {self.mode!r} is not one of {', '.join(ERASE_MODES)}")
         if not (0 <= self.prob <= 1 and 0 < self.min_area <= self.max_area and self.min_aspect > 0):
-            raise ValueError(f"random erasing needs 0 <= prob <= 1, 0 < min_area <= max_area and min_aspect > 0, got "
-                             f"{self.to_dict()}")
+            raise ConfigError(f"random erasing needs 0 <= prob <= 1, 0 < min_area <= max_area and min_aspect > 0, got "
+                              f"{self.to_dict()}")
 
     @property
     def log_aspect(self) -> tuple[float, float]:

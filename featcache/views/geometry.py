@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from ..errors import ConfigError
 from .base import OPS, Recipe, ViewOp
 
 
@@ -34,8 +35,8 @@ class RandomResizedCrop(ViewOp):
     def __post_init__(self) -> None:
         if not (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] and len(self.ratio) == 2
                 and 0 < self.ratio[0] <= self.ratio[1]):
-            raise ValueError(f"rrc needs 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], "
-                             f"got scale={self.scale}, ratio={self.ratio}")
+            raise ConfigError(f"rrc needs 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], "
+                              f"got scale={self.scale}, ratio={self.ratio}")
 
     def sample(self, rng: np.random.Generator, image_hw: tuple[int, int], recipe: Recipe) -> list[float]:
         height, width = image_hw
@@ -80,7 +81,7 @@ class HorizontalFlip(ViewOp):
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
-            raise ValueError(f"hflip probability must be in [0, 1], got {self.p}")
+            raise ConfigError(f"hflip probability must be in [0, 1], got {self.p}")
 
     def sample(self, rng: np.random.Generator, image_hw: tuple[int, int], recipe: Recipe) -> list[float]:
         return [float(rng.random() < self.p)]
@@ -104,7 +105,7 @@ class ResizeCenterCrop(ViewOp):
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
     def sample(self, rng: np.random.Generator, image_hw: tuple[int, int], recipe: Recipe) -> list[float]:
         height, width = image_hw

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 MIX_PARAMS = ("kind", "lam", "partner", "top", "left", "height", "width")
@@ -90,9 +91,9 @@ class Mix:
 
     def __post_init__(self) -> None:
         if min(self.mixup_alpha, self.cutmix_alpha) < 0 or max(self.mixup_alpha, self.cutmix_alpha) <= 0:
-            raise ValueError(f"a mix needs mixup_alpha >= 0 and cutmix_alpha >= 0, one of them > 0; got {self}")
+            raise ConfigError(f"a mix needs mixup_alpha >= 0 and cutmix_alpha >= 0, one of them > 0; got {self}")
         if not (0 <= self.prob <= 1 and 0 <= self.switch_prob <= 1):
-            raise ValueError(f"mix prob and switch_prob must be in [0, 1], got {self}")
+            raise ConfigError(f"mix prob and switch_prob must be in [0, 1], got {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

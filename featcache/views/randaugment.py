@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
 from .base import OPS, Recipe, ViewOp
 
 #: timm's ``_LEVEL_DENOM``: magnitude m maps to the fraction m / 10 of each op's range.
@@ -124,11 +125,11 @@ class RandAugment(ViewOp):
     def __post_init__(self) -> None:
         unknown = [t for t in self.transforms if t not in LEVELS]
         if unknown or not self.transforms:
-            raise ValueError(f"rand_augment transforms {list(self.transforms)}: unknown {unknown}; known: "
-                             f"{sorted(LEVELS)}")
+            raise ConfigError(f"rand_augment transforms {list(self.transforms)}: unknown {unknown}; known: "
+                              f"{sorted(LEVELS)}")
         if self.num_ops < 0 or not 0 <= self.prob <= 1 or self.magnitude < 0 or self.magnitude_std < 0:
-            raise ValueError(f"rand_augment needs num_ops >= 0, 0 <= prob <= 1, magnitude >= 0 and magnitude_std >= 0,"
-                             f" got {self.to_dict()}")
+            raise ConfigError(f"rand_augment needs num_ops >= 0, 0 <= prob <= 1, magnitude >= 0 and magnitude_std >= 0,"
+                              f" got {self.to_dict()}")
 
     @property
     def params(self) -> tuple[str, ...]:  # type: ignore[override]  # one group of four per layer
@@ -191,13 +192,13 @@ def rand_augment(policy: str, fill: tuple[int, int, int] = (128, 128, 128)) -> R
     """The op of a timm RandAugment policy string, e.g. ``rand-m9-mstd0.5-inc1`` (DeiT, ViTKD, NKD, ScaleKD).
 
     Raises:
-        ValueError: for policies other than ``rand-...`` (AutoAugment, AugMix, 3-Augment), weighted op sets
+        ConfigError: for policies other than ``rand-...`` (AutoAugment, AugMix, 3-Augment), weighted op sets
             (``t...``) and sections timm does not know; the message names the section.
     """
     head, *sections = policy.split("-")
     if head != "rand":
-        raise ValueError(f"--aa {policy!r}: only timm RandAugment policies are supported, e.g. rand-m9-mstd0.5-inc1 "
-                         "(not AutoAugment 'v0'/'original', AugMix or 3-Augment)")
+        raise ConfigError(f"--aa {policy!r}: only timm RandAugment policies are supported, e.g. rand-m9-mstd0.5-inc1 "
+                          "(not AutoAugment 'v0'/'original', AugMix or 3-Augment)")
     settings: dict[str, Any] = {"increasing": False}
     for section in sections:
         key, value = _policy_section(section, policy)
@@ -211,6 +212,6 @@ def _policy_section(section: str, policy: str) -> tuple[str, str]:
     """``"mstd0.5"`` -> ``("mstd", "0.5")``, refusing what timm would ignore or fail on."""
     match = re.fullmatch(r"([a-z]+)(\d.*)", section)
     if match is None or match.group(1) not in _POLICY_KEYS:
-        raise ValueError(f"--aa {policy!r}: unknown section {section!r}; RandAugment sections are "
-                         f"{', '.join(k + 'N' for k in _POLICY_KEYS)} (weighted op sets 't...' are not supported)")
+        raise ConfigError(f"--aa {policy!r}: unknown section {section!r}; RandAugment sections are "
+                          f"{', '.join(k + 'N' for k in _POLICY_KEYS)} (weighted op sets 't...' are not supported)")
     return match.group(1), match.group(2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..errors import ConfigError
 from .base import Recipe, ViewOp
 from .color import ColorJitter
 from .erasing import IMAGENET_MEAN, IMAGENET_STD, RandomErasing
@@ -23,11 +24,11 @@ def default_recipe(img_size: int, scale: Sequence[float] = (0.08, 1.0), ratio: S
     erasing noise is drawn in that normalised space.
 
     Raises:
-        ValueError: for ``aa`` together with ``color_jitter`` (timm silently drops the jitter then; pass one).
+        ConfigError: for ``aa`` together with ``color_jitter`` (timm silently drops the jitter then; pass one).
     """
     if aa and color_jitter > 0:
-        raise ValueError(f"--aa {aa} with --color-jitter {color_jitter}: timm drops colour jitter when RandAugment is "
-                         "on, so the run would not be the recipe it names; pass one of them (--color-jitter 0)")
+        raise ConfigError(f"--aa {aa} with --color-jitter {color_jitter}: timm drops colour jitter when RandAugment is "
+                          "on, so the run would not be the recipe it names; pass one of them (--color-jitter 0)")
     ops: list[ViewOp] = [RandomResizedCrop(tuple(float(s) for s in scale), tuple(float(r) for r in ratio))]
     if hflip > 0:
         ops.append(HorizontalFlip(float(hflip)))
