@@ -136,7 +136,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 def test_sigkill_then_resume_equals_uninterrupted(folder, ref_cache, tmp_path):
     out = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(folder), str(out)])
-    marker = out / "_featcache" / "units" / "c" / "1"
+    marker = out / "_featcache" / "units" / "unit-000001.json"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

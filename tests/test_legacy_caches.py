@@ -16,7 +16,8 @@ import pytest
 from featcache.convert import convert
 from featcache.info import cache_info
 from featcache.manifest import FORMAT_VERSION
-from featcache.stores import detect_format, open_reader
+from featcache.stores import create_writer, detect_format, open_reader
+from featcache.stores.zarr_store import ZarrMarkers
 from featcache.verify import verify_cache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0_1"
@@ -118,11 +119,33 @@ def test_todays_writers_reproduce_the_legacy_bytes(legacy):
     assert _json_tree(_tree(legacy / "w")) == _json_tree(_tree(legacy / "cache_wds"))
     assert _hdf5_content(legacy / "h") == _hdf5_content(legacy / "cache_hdf5")
     z, old = _tree(legacy / "z"), _tree(legacy / "cache_zarr")
-    data = [k for k in old if k != "zarr.json" and not k.startswith("_featcache/units/c/")]
-    assert sorted(k for k in z if k != "zarr.json" and not k.startswith("_featcache/units/c/")) == sorted(data)
+    data = [k for k in old if k != "zarr.json" and not k.startswith("_featcache/")]  # markers: compared as notes
+    assert sorted(k for k in z if k != "zarr.json" and not k.startswith("_featcache/")) == sorted(data)
+    assert sorted(k for k in z if k.startswith("_featcache/units/")) == [f"_featcache/units/unit-{u:06d}.json"
+                                                                           for u in range(3)]
     assert {k: z[k] for k in data} == {k: old[k] for k in data}
     meta, old_meta = json.loads(z["zarr.json"]), json.loads(old["zarr.json"])
     meta["attributes"]["featcache"] = _plain(meta["attributes"]["featcache"])
     assert meta == old_meta
     notes = [open_reader(legacy / name).unit_notes() for name in ("z", "cache_zarr")]
     assert [_plain(n) for n in notes[0]] == notes[1]
+
+
+def test_legacy_zarr_markers_are_resumed_in_their_own_layout(legacy):
+    """A v0.1 Zarr cache keeps its markers in the string array ``_featcache/units``: a resume writes the unit it
+    redoes there too (never a marker file beside it), and the cache ends as it was."""
+    path = legacy / "cache_zarr"
+    before = _tree(path)
+    reader = open_reader(path)
+    stored, records, note = reader.read_stored_unit(1), reader.unit_records(1), reader.unit_notes()[1]
+    ZarrMarkers(path).clear(1)
+    with pytest.warns(UserWarning, match="whose manifest says it is complete"):
+        writer = create_writer(path, reader.manifest, format="zarr")
+    assert writer.completed_units() == {0, 2}
+    writer.write_unit(1, stored, records, skipped=note["skipped"])
+    writer.finalize()
+    after = _tree(path)
+    assert not [k for k in after if k.startswith("_featcache/units/unit-")]
+    same = [k for k in before if k not in ("zarr.json", "_featcache/units/c/1")]  # the note gains crc32 and seal
+    assert sorted(after) == sorted(before) and {k: after[k] for k in same} == {k: before[k] for k in same}
+    assert [_plain(n) for n in open_reader(path).unit_notes()] == [_plain(n) for n in reader.unit_notes()]

@@ -129,7 +129,7 @@ def test_sigkill_then_resume_equals_uninterrupted(folder, deit_cache, tmp_path):
     out = tmp_path / "cache"
     args = {**TINY, **DEIT, "data": str(folder), "out": str(out)}
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, json.dumps(args)])
-    marker = out / "_featcache" / "units" / "c" / "1"
+    marker = out / "_featcache" / "units" / "unit-000001.json"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

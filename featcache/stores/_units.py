@@ -3,11 +3,10 @@
 A unit (``shard_size`` consecutive rows) is written whole by one writer, made durable, and only then *marked*: its
 marker note ``{"unit", "rows": [start, stop], "skipped": [...], ...backend keys}`` is what resume counts and what
 ``finalize`` folds into the manifest. A marker that cannot be parsed, or names another unit, counts as absent, so a
-torn marker only makes its own unit be redone. Where markers live is the backend's choice:
-
-    zarr       ``PATH/_featcache/units``: a string array, one JSON note per chunk (:class:`~.zarr_store.ZarrMarkers`)
-    wds, hdf5  ``PATH/_featcache/units/unit-{u:06d}.json``, one file per unit, beside ``PATH/manifest.json``
-               (:class:`FileMarkers`, :class:`JsonManifestLayout`)
+torn marker only makes its own unit be redone. Every backend keeps them as :class:`FileMarkers`, one file per unit,
+``PATH/_featcache/units/unit-{u:06d}.json`` (wds and hdf5 beside ``PATH/manifest.json``, :class:`JsonManifestLayout`),
+so processes writing disjoint units never write the same file. Zarr caches written before that keep them in a string
+array, one JSON note per chunk (:class:`~.zarr_store.ZarrMarkers`), read and resumed as they are.
 
 Every writer creates ``PATH/_featcache/`` first, so a directory holding it is a featcache cache (or an interrupted
 creation of one) and may be resumed or replaced; any other non-empty directory is refused.

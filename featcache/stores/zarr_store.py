@@ -6,10 +6,16 @@ Layout (see docs/FORMAT.md), all readable with plain ``zarr.open_group(path, mod
     OUT/<array>/                  one array per manifest["arrays"] entry, shape [rows, *shape],
                                   inner chunk = 1 row (one view), shard = shard_size rows (one unit)
     OUT/records/<name>/           per-view records, chunk = one unit of rows, unsharded, uncompressed
-    OUT/_featcache/units          string array [num_units]: "" until unit u is durable, then a JSON note
+    OUT/_featcache/zarr.json      a zero-length array (see below); its attributes say where the markers are
+    OUT/_featcache/units/unit-{u:06d}.json   one JSON completion note per unit, written once unit u is durable
 
-A unit is written as whole shards (one writer per unit), fsynced, and only then marked in ``_featcache/units``;
-the group attributes say ``complete: true`` only after every unit is marked.
+A unit is written as whole shards (one writer per unit), fsynced, and only then marked by its own marker file, so
+processes writing disjoint units never write the same file (multi-process extraction relies on it); the group
+attributes say ``complete: true`` only after every unit is marked. ``_featcache`` is declared a Zarr array only so
+that plain Zarr's hierarchy traversal does not descend into it: Zarr lists every key of a group as a member and
+warns on files that are no Zarr node, but never lists what lies inside an array. Caches written before the markers
+became files keep them in the string array ``_featcache/units`` (one vlen-utf8 note per chunk); they are read, and
+resumed, in that layout (:func:`markers_of`).
 
 The reader's fast path reads a row with one ``os.pread`` per array: it parses each shard's index (the sharding
 codec's trailing table of ``(offset, nbytes)`` uint64 pairs + CRC-32C) once per shard and process. zarr-python's own
@@ -31,7 +37,7 @@ from ..manifest import RECORD_DTYPES, Manifest, check_manifest
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 
-MARKERS = "_featcache/units"
+MARKERS = "_featcache/units"  # the string array of markers in caches written before markers became files
 RECORDS = "records"
 _MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
@@ -67,8 +73,16 @@ def _node_meta(meta: Path, node_type: str) -> dict[str, Any]:
     return doc
 
 
+def markers_of(path: Path) -> _units.Markers:
+    """Where the Zarr cache at ``path`` keeps its unit markers: one file per unit (:class:`~._units.FileMarkers`),
+    or, in caches written before that (tests/fixtures/v0_1), the string array ``_featcache/units``
+    (:class:`ZarrMarkers`), which a resume goes on writing so that a cache never mixes the two."""
+    return ZarrMarkers(path) if (path / MARKERS / "zarr.json").is_file() else _units.FileMarkers(path)
+
+
 class ZarrMarkers(_units.Markers):
-    """Unit markers in the string array ``_featcache/units``: one vlen-utf8 JSON note per chunk.
+    """Unit markers in the string array ``_featcache/units`` (caches written before markers became files): one
+    vlen-utf8 JSON note per chunk.
 
     Read chunk by chunk (not through zarr-python) so that a damaged marker only un-marks its own unit; written
     through zarr-python, whose LocalStore replaces the chunk file atomically, so plain zarr reads the markers too.
@@ -145,7 +159,7 @@ class ZarrWriter(StoreWriter):
     def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any], overwrite: bool = False) -> None:
         self._arrays: dict[str, Any] = {}  # zarr arrays opened once per writer
         super().__init__(path, manifest, overwrite)
-        self._marker_store = ZarrMarkers(self.path)
+        self._marker_store = markers_of(self.path)
 
     def _new_manifest(self, manifest: Manifest) -> Manifest:
         out = super()._new_manifest(manifest)
@@ -161,7 +175,7 @@ class ZarrWriter(StoreWriter):
         zarr.open_group(str(self.path), mode="r+").update_attributes({"featcache": dict(manifest)})
         fsync_path(self.path / "zarr.json")
 
-    def _markers(self) -> ZarrMarkers:
+    def _markers(self) -> _units.Markers:
         return self._marker_store
 
     def _create(self, manifest: Manifest) -> None:
@@ -179,8 +193,9 @@ class ZarrWriter(StoreWriter):
             extra = (len(manifest["views"]["param_names"]),) if name == "params" else ()
             group.create_array(f"{RECORDS}/{name}", shape=(rows, *extra), chunks=(shard, *extra), dtype=dtype,
                                fill_value=0, compressors=None, config={"write_empty_chunks": True})
-        group.create_array(MARKERS, shape=(manifest.num_units,), chunks=(1,), dtype=str, fill_value="",
-                           compressors=None)
+        group.create_array(_units.OWN_DIR, shape=(0,), dtype="uint8", compressors=None,
+                           attributes={"featcache": {"markers": "units/unit-{unit:06d}.json"}})
+        _units.FileMarkers(self.path).dir.mkdir()
         self._save_manifest(manifest)  # last: a cache without the manifest is an interrupted creation
 
     def _zarr_array(self, name: str) -> Any:
@@ -299,8 +314,8 @@ class ZarrReader(StoreReader):
     def _load_manifest(self) -> Manifest | None:
         return read_manifest(self.path)
 
-    def _markers(self) -> ZarrMarkers:
-        return ZarrMarkers(self.path)
+    def _markers(self) -> _units.Markers:
+        return markers_of(self.path)
 
     def _fresh_handles(self) -> None:
         self._layout: dict[str, _ShardedArray] = {}
@@ -354,7 +369,8 @@ class ZarrReader(StoreReader):
         params = len(m["views"]["param_names"])
         for name, dtype in RECORD_DTYPES.items():
             self._array_meta(f"{RECORDS}/{name}", [m.num_rows, params] if name == "params" else [m.num_rows], dtype)
-        self._array_meta(MARKERS, [m.num_units], "str")
+        if isinstance(self._markers(), ZarrMarkers):
+            self._array_meta(MARKERS, [m.num_units], "str")
 
     def _shard(self, arr: _ShardedArray, shard: int) -> tuple[int, np.ndarray]:
         key = (arr.name, shard)

@@ -10,7 +10,7 @@ from featcache.errors import CacheError
 from featcache.stores import _units as U
 from featcache.stores import create_writer
 from featcache.stores.encodings import encode_targets
-from featcache.stores.zarr_store import ZarrMarkers
+from featcache.stores.zarr_store import ZarrMarkers, markers_of
 from featcache.testing.toystore import FORMATS, toy_manifest, toy_records, toy_targets, unit_slice, write_toy
 
 
@@ -34,11 +34,16 @@ def test_file_markers_round_trip(tmp_path):
     assert sorted(p.name for p in markers.dir.iterdir()) == ["unit-000001.json", "unit-000002.json"]
 
 
-def test_zarr_markers_read_what_the_writer_marked(tmp_path):
-    m = toy_manifest("zarr")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_markers_are_one_file_per_unit(tmp_path, fmt):
+    """Every backend marks a unit with its own file, so writers of disjoint units never write the same file."""
+    m = toy_manifest(fmt)
     write_toy(tmp_path / "c", m, toy_targets(m), toy_records(m), units=[0, 2], finalize=False)
-    notes = ZarrMarkers(tmp_path / "c").read(m.num_units)
+    assert sorted(p.name for p in U.FileMarkers(tmp_path / "c").dir.iterdir()) == ["unit-000000.json",
+                                                                                   "unit-000002.json"]
+    notes = U.FileMarkers(tmp_path / "c").read(m.num_units)
     assert [n.get("unit") for n in notes] == [0, None, 2, None] and notes[2]["skipped"] == ["bad_2.png"]
+    assert not isinstance(markers_of(tmp_path / "c"), ZarrMarkers)
 
 
 def test_claim_refuses_files_and_foreign_directories(tmp_path):
