@@ -65,11 +65,15 @@ def extract(ctx: click.Context, config_path: str | None, **options: Any) -> None
     """Run a frozen teacher once over K views of every image and cache its features and logits.
 
     Resumable: re-running the same command continues where it stopped and a complete cache is left as it is;
-    different arguments against an existing cache are refused with the differing keys named.
+    different arguments against an existing cache are refused with the differing keys named. Under torchrun or
+    accelerate launch the processes share the units, one device each (docs/SCALING.md).
     """
+    from .distributed import detect
     from .extract import run_extract
 
-    click.echo(f"cache: {run_extract(load_config(ctx, config_path, options))}")
+    out = run_extract(load_config(ctx, config_path, options))
+    if detect().main:  # with several processes, print once
+        click.echo(f"cache: {out}")
 
 
 def _info_options() -> list[click.Parameter]:

@@ -103,6 +103,9 @@ class ExtractConfig:
     overwrite: bool = setting(False, "Delete an existing cache at --out and start afresh.")
     skip_corrupt: bool = setting(False, "Skip unreadable images (zeros, valid=0, listed in the manifest) instead of "
                                         "stopping with the file named.")
+    dist_timeout: float = setting(1800.0, "Seconds the processes of a multi-process extraction (torchrun, accelerate "
+                                          "launch) wait for each other: for rank 0 to open the cache, and for the "
+                                          "slowest to finish its units; then they stop with an error.")
 
     def validate(self) -> None:
         """Refuse settings no extraction can run with, before any model is loaded."""
@@ -114,6 +117,8 @@ class ExtractConfig:
             raise ConfigError(f"--views must be >= 1, got {self.views}")
         if not self.layers:
             raise ConfigError("--layers must name at least one teacher block, e.g. --layers 0,1,11")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 #: Why ``featcache train`` refuses the view flags of ``featcache extract`` (see :meth:`TrainConfig.validate`).

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__, locks
+from . import __version__, distributed, locks
 from .config import ExtractConfig
 from .datasets import ViewDataset
 from .errors import CacheError, ConfigError, DecodeError
@@ -302,18 +304,26 @@ def _existing_targets(path: str) -> dict[str, Any] | None:
 def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None = None) -> str:
     """Extract (or resume) the cache ``cfg.out``; returns its path.
 
+    Under ``torchrun`` or ``accelerate launch`` every process calls it, and they share the work
+    (:func:`_extract_ranks`, docs/SCALING.md).
+
     Args:
         cfg: what to extract; see `ExtractConfig`.
-        progress: show a tqdm bar (img/s, ETA).
-        max_units: stop after writing this many units in this call (tests use it to simulate interruptions).
+        progress: show a tqdm bar (img/s, ETA); with several processes, rank 0's alone.
+        max_units: stop after writing this many units in this call, per process (tests use it to simulate
+            interruptions).
 
     Raises:
         CacheError: an existing cache at ``cfg.out`` has different settings (the keys are named).
         DecodeError: an image is corrupt and ``cfg.skip_corrupt`` is off (the file is named).
         LockedError: another process is extracting into ``cfg.out`` (its PID is named).
+        RankFailed: another process of a multi-process extraction failed (its error is quoted) or stopped answering.
     """
     cfg.validate()
     view_recipe(cfg, cfg.img_size or 224, _CHECK_NORM)  # bad view flags fail before the teacher loads
+    ranks = distributed.detect()
+    if ranks.world_size > 1:
+        return _extract_ranks(cfg, ranks, progress, max_units)
     with locks.hold(lock_file(cfg.out), cfg.out, "featcache extract"):
         return _extract(cfg, progress, max_units)
 
@@ -327,24 +337,108 @@ def lock_file(out: str | os.PathLike) -> Path:
 def _extract(cfg: ExtractConfig, progress: bool, max_units: int | None) -> str:
     device = resolve_device(cfg.device)
     teacher, source, manifest = prepare(cfg, device)
-    manifest = fit_codebooks(cfg, teacher, source, manifest, device)
-    writer = create_writer(cfg.out, manifest, format=cfg.format, overwrite=cfg.overwrite)
-    manifest = writer.manifest
-    if manifest.complete:
-        if progress:
-            print(f"cache {cfg.out} is already complete; nothing to do (--overwrite recomputes it)")
+    writer = open_cache(cfg, teacher, source, manifest, device)
+    if writer.manifest.complete:
+        _say_complete(cfg, progress)
         return str(cfg.out)
-    done = writer.completed_units()  # once: each call reads every unit marker
-    todo = [u for u in range(manifest.num_units) if u not in done][:max_units]
-    rows = [r for u in todo for r in manifest.unit_rows(u)]
+    extract_share(cfg, writer, teacher, source, device, units_to_do(writer)[:max_units], progress)
+    if max_units is None or len(writer.completed_units()) == writer.manifest.num_units:
+        writer.finalize()
+    return str(cfg.out)
+
+
+def open_cache(cfg: ExtractConfig, teacher: Teacher, source: ImageSource, manifest: Manifest,
+               device: torch.device) -> StoreWriter:
+    """Create the cache ``cfg.out``, or reopen it to resume (its codebooks kept), for writing."""
+    manifest = fit_codebooks(cfg, teacher, source, manifest, device)
+    return create_writer(cfg.out, manifest, format=cfg.format, overwrite=cfg.overwrite)
+
+
+def units_to_do(writer: StoreWriter) -> list[int]:
+    """The units not yet durable and trusted, in order (reads every marker, and back every unit an earlier run
+    wrote: call it once)."""
+    done = writer.completed_units()
+    return [u for u in range(writer.manifest.num_units) if u not in done]
+
+
+def _say_complete(cfg: ExtractConfig, progress: bool) -> None:
+    if progress:
+        print(f"cache {cfg.out} is already complete; nothing to do (--overwrite recomputes it)")
+
+
+def extract_share(cfg: ExtractConfig, writer: StoreWriter, teacher: Teacher, source: ImageSource,
+                  device: torch.device, units: list[int], progress: bool) -> None:
+    """Extract and write ``units`` of the cache ``writer`` writes."""
+    manifest = writer.manifest
+    rows = [r for u in units for r in manifest.unit_rows(u)]
     dataset = ViewDataset(source, Recipe.from_dict(manifest["views"]["recipe"]), manifest["views"]["seed"],
                           manifest.views_per_sample, rows, cfg.skip_corrupt)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False,
                         collate_fn=_collate_list, pin_memory=device.type == "cuda")
     extract_units(writer, teacher, loader, device, skip_corrupt=cfg.skip_corrupt, total=len(rows), progress=progress)
-    if max_units is None or len(writer.completed_units()) == manifest.num_units:
-        writer.finalize()
+
+
+def _extract_ranks(cfg: ExtractConfig, ranks: distributed.Ranks, progress: bool, max_units: int | None) -> str:
+    """One process of a multi-process extraction (``torchrun``, ``accelerate launch``), on its own device.
+
+    Rank 0 takes the lock, creates or reopens the cache and lists the units still to do, reading back those earlier
+    runs wrote, while the others load their teacher; they then reopen the cache rank 0 made. The units to do are
+    dealt round-robin (rank r takes every world_size-th, from the r-th on), so no two processes write the same unit,
+    file or marker, and a resume with any number of processes deals out what is left. Once every rank has written
+    its share, rank 0 finalizes. At each of these steps the ranks exchange their outcomes
+    (:meth:`~featcache.distributed.Group.step`): an error on one rank stops all of them there, each with one
+    message; a rank that dies or hangs stops the others after ``--dist-timeout`` seconds.
+    """
+    device = distributed.rank_device(resolve_device(cfg.device), ranks)
+    ctx: dict[str, Any] = {}
+    with distributed.group(ranks, cfg.dist_timeout) as group, ExitStack() as held:
+        todo = group.step("opening the cache", lambda: _open_as_rank(cfg, ranks, device, ctx, held))[0]
+        if todo is None:
+            _say_complete(cfg, progress and ranks.main)
+            return str(cfg.out)
+        group.step("reopening the cache rank 0 made", lambda: _join_as_rank(cfg, ranks, device, ctx))
+        mine = todo[ranks.rank::ranks.world_size][:max_units]
+        written = group.step("extracting", lambda: _share_as_rank(cfg, ranks, device, ctx, mine, progress))
+        group.step("finalizing", lambda: _finish_as_rank(ranks, ctx["writer"], written, max_units))
     return str(cfg.out)
+
+
+def _open_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any],
+                  held: ExitStack) -> list[int] | None:
+    """Every rank loads the teacher; rank 0 holds the lock, opens the cache and returns the units to do (None when
+    the cache is complete)."""
+    if ranks.main:
+        held.enter_context(locks.hold(lock_file(cfg.out), cfg.out, "featcache extract"))
+    ctx["teacher"], ctx["source"], ctx["manifest"] = prepare(cfg, device)
+    if not ranks.main:
+        return None
+    ctx["writer"] = open_cache(cfg, ctx["teacher"], ctx["source"], ctx["manifest"], device)
+    return None if ctx["writer"].manifest.complete else units_to_do(ctx["writer"])
+
+
+def _join_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any]) -> None:
+    """The other ranks reopen what rank 0 made (never ``--overwrite`` again; its codebooks, never refitted)."""
+    if not ranks.main:
+        ctx["writer"] = open_cache(replace(cfg, overwrite=False), ctx["teacher"], ctx["source"], ctx["manifest"],
+                                   device)
+
+
+def _share_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any],
+                   units: list[int], progress: bool) -> list[int]:
+    """Write this rank's units; rank 0 alone shows a bar (of its share)."""
+    extract_share(cfg, ctx["writer"], ctx["teacher"], ctx["source"], device, units, progress and ranks.main)
+    ctx["writer"].close()  # the parts it wrote are closed before rank 0 reads them (HDF5)
+    return units
+
+
+def _finish_as_rank(ranks: distributed.Ranks, writer: StoreWriter, written: list[list[int]],
+                    max_units: int | None) -> None:
+    """Rank 0 finalizes, trusting what every rank reported written (it need not read it back)."""
+    if not ranks.main:
+        return
+    writer.adopt(u for units in written for u in units)
+    if max_units is None or len(writer.completed_units()) == writer.manifest.num_units:
+        writer.finalize()
 
 
 def extract_units(writer: StoreWriter, teacher: Teacher, loader: DataLoader, device: torch.device,

@@ -31,7 +31,7 @@ MAX_MEDIAN_LINES = 8
 # Lowest first: a module may import its own layer or lower ones; a package stands for all its modules.
 # The run directory's contract sits below the engine, which writes the run dir through it; sweep and report read it.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "registry", "manifest", "durable", "locks", "config", "declared", "__init__"),
+    ("errors", "registry", "manifest", "durable", "locks", "config", "declared", "distributed", "__init__"),
     ("sources",),
     ("views",),
     ("models",),
@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),
     ("sweep", "report", "probe"),
     ("demo",),
-    ("options", "cli"),
+    ("options", "cli", "__main__"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 # The CLI resolves "module:NAME" references from config fields; the package face imports its lazy table on attribute

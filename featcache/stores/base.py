@@ -23,7 +23,7 @@ import tarfile
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -124,6 +124,11 @@ class StoreWriter(ABC):
         shown = "; ".join(f"unit {u}: {why}" for u, why in list(problems.items())[:3])
         warnings.warn(f"cache {str(self.path)!r}: {len(problems)} unit(s) cannot be trusted and will be redone "
                       f"({shown}{'; ...' if len(problems) > 3 else ''})", stacklevel=3)
+
+    def adopt(self, units: Iterable[int]) -> None:
+        """Trust ``units`` as this writer's own: other processes of the same extraction wrote and marked them (each
+        unit by one process), so :meth:`completed_units` and :meth:`finalize` need not read them back."""
+        self._trusted.update(int(u) for u in units)
 
     def write_unit(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
                    skipped: list[str] | None = None) -> None:
