@@ -70,7 +70,8 @@ RANK_CLI = textwrap.dedent("""
     builtins.open = io.open = open_
     os.open, os.replace, os.rename, os.link = os_open, renamer(real_replace), renamer(real_rename), renamer(real_link)
 
-    fault, at, marks, real_mark = os.environ.get("FC_FAULT"), int(os.environ.get("FC_AT", "1")), [0], _units.FileMarkers.write
+    fault, at, marks = os.environ.get("FC_FAULT"), int(os.environ.get("FC_AT", "1")), [0]
+    real_mark = _units.FileMarkers.write
     def mark(self, unit, note):
         marks[0] += 1
         if rank == 1 and marks[0] == at:
