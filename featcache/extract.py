@@ -381,31 +381,34 @@ def extract_share(cfg: ExtractConfig, writer: StoreWriter, teacher: Teacher, sou
 def _extract_ranks(cfg: ExtractConfig, ranks: distributed.Ranks, progress: bool, max_units: int | None) -> str:
     """One process of a multi-process extraction (``torchrun``, ``accelerate launch``), on its own device.
 
-    Rank 0 takes the lock, creates or reopens the cache and lists the units still to do, reading back those earlier
-    runs wrote, while the others load their teacher; they then reopen the cache rank 0 made. The units to do are
-    dealt round-robin (rank r takes every world_size-th, from the r-th on), so no two processes write the same unit,
-    file or marker, and a resume with any number of processes deals out what is left. Once every rank has written
-    its share, rank 0 finalizes. At each of these steps the ranks exchange their outcomes
+    Rank 0 takes the lock and creates or reopens the cache while the others load their teacher; they then reopen
+    the cache rank 0 made, and each reads back and checks its share of the units earlier runs marked. The units
+    still to do are dealt round-robin (rank r takes every world_size-th, from the r-th on), so no two processes write
+    the same unit, file or marker, and a resume with any number of processes deals out what is left. Once every
+    rank has written its share, rank 0 finalizes. At each of these steps the ranks exchange their outcomes
     (:meth:`~featcache.distributed.Group.step`): an error on one rank stops all of them there, each with one
     message; a rank that dies or hangs stops the others after ``--dist-timeout`` seconds.
     """
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
     ctx: dict[str, Any] = {}
     with distributed.group(ranks, cfg.dist_timeout) as group, ExitStack() as held:
-        todo = group.step("opening the cache", lambda: _open_as_rank(cfg, ranks, device, ctx, held))[0]
-        if todo is None:
+        marked = group.step("opening the cache", lambda: _open_as_rank(cfg, ranks, device, ctx, held))[0]
+        if marked is None:
             _say_complete(cfg, progress and ranks.main)
             return str(cfg.out)
-        group.step("reopening the cache rank 0 made", lambda: _join_as_rank(cfg, ranks, device, ctx))
+        trusted = group.step("checking the units earlier runs wrote",
+                             lambda: _check_as_rank(cfg, ranks, device, ctx, marked[ranks.rank::ranks.world_size]))
+        done = {u for units in trusted for u in units}
+        todo = [u for u in range(ctx["writer"].manifest.num_units) if u not in done]
         mine = todo[ranks.rank::ranks.world_size][:max_units]
         written = group.step("extracting", lambda: _share_as_rank(cfg, ranks, device, ctx, mine, progress))
-        group.step("finalizing", lambda: _finish_as_rank(ranks, ctx["writer"], written, max_units))
+        group.step("finalizing", lambda: _finish_as_rank(ranks, ctx["writer"], [*trusted, *written], max_units))
     return str(cfg.out)
 
 
 def _open_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any],
                   held: ExitStack) -> list[int] | None:
-    """Every rank loads the teacher; rank 0 holds the lock, opens the cache and returns the units to do (None when
+    """Every rank loads the teacher; rank 0 holds the lock, opens the cache and returns its marked units (None when
     the cache is complete)."""
     if ranks.main:
         held.enter_context(locks.hold(lock_file(cfg.out), cfg.out, "featcache extract"))
@@ -413,14 +416,17 @@ def _open_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.de
     if not ranks.main:
         return None
     ctx["writer"] = open_cache(cfg, ctx["teacher"], ctx["source"], ctx["manifest"], device)
-    return None if ctx["writer"].manifest.complete else units_to_do(ctx["writer"])
+    return None if ctx["writer"].manifest.complete else sorted(ctx["writer"].marked_units())
 
 
-def _join_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any]) -> None:
-    """The other ranks reopen what rank 0 made (never ``--overwrite`` again; its codebooks, never refitted)."""
+def _check_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any],
+                   units: list[int]) -> list[int]:
+    """The other ranks reopen what rank 0 made (never ``--overwrite`` again; its codebooks, never refitted); each
+    rank reads back ``units`` and returns those that hold (the others are un-marked, to be redone)."""
     if not ranks.main:
         ctx["writer"] = open_cache(replace(cfg, overwrite=False), ctx["teacher"], ctx["source"], ctx["manifest"],
                                    device)
+    return sorted(ctx["writer"].check_units(units))
 
 
 def _share_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any],
@@ -431,12 +437,12 @@ def _share_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.d
     return units
 
 
-def _finish_as_rank(ranks: distributed.Ranks, writer: StoreWriter, written: list[list[int]],
+def _finish_as_rank(ranks: distributed.Ranks, writer: StoreWriter, trusted: list[list[int]],
                     max_units: int | None) -> None:
-    """Rank 0 finalizes, trusting what every rank reported written (it need not read it back)."""
+    """Rank 0 finalizes, trusting what every rank checked or wrote (it need not read those units back)."""
     if not ranks.main:
         return
-    writer.adopt(u for units in written for u in units)
+    writer.adopt(u for units in trusted for u in units)
     if max_units is None or len(writer.completed_units()) == writer.manifest.num_units:
         writer.finalize()
 

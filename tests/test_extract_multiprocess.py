@@ -265,3 +265,21 @@ def test_a_hung_rank_stops_the_others_after_the_timeout(data, tmp_path):
     assert rc != 0
     assert "rank 0 of 2: the other processes did not answer within --dist-timeout 5 s" in stderr, stderr[-3000:]
     assert time.monotonic() - start < 200, "rank 0 gave up after 5 s, and torchrun then stopped rank 1"
+
+
+@pytest.mark.slow
+def test_two_processes_finish_a_one_process_run_and_redo_its_damaged_unit(data, reference, tmp_path):
+    out = tmp_path / "cache"
+    run_extract(ExtractConfig(data=str(data), out=str(out), **EXTRACT), progress=False, max_units=5)  # units 0-4
+    shard = out / "block_0" / "c" / "3" / "0" / "0"
+    damaged = bytearray(shard.read_bytes())
+    damaged[100] ^= 0xFF  # inside a row's chunk: unit 3 no longer reads back what its marker's CRC-32 says
+    shard.write_bytes(bytes(damaged))
+    rc, _, stderr = finish(launch(tmp_path, cli_args(data, out)), tmp_path)
+    assert rc == 0, stderr[-4000:]
+    assert "unit 3: block_0 read back other bytes than were written" in stderr  # found, un-marked, redone
+    assert tree_bytes(out) == tree_bytes(reference("zarr"))
+    ours = writes(tmp_path)
+    marked = [{int(p[-11:-5]) for p in files if p.startswith("_featcache/units/unit-")} for files in ours]
+    # rank 0 checked units 0, 2, 4 and rank 1 units 1, 3; the 8 to do (3, then 5-11) are dealt round-robin
+    assert marked == [{3, 6, 8, 10}, {5, 7, 9, 11}] and not ours[0] & ours[1]

@@ -102,16 +102,29 @@ class StoreWriter(ABC):
         """
         notes = self._markers().read(self._manifest.num_units)
         marked = _units.completed(notes)
-        todo = sorted(marked - self._trusted)
-        if todo:
-            reader = self._reader(strict=False)
-            try:
-                problems = {u: p for u in todo if (p := reader.unit_problem(u, notes[u])) is not None}
-            finally:
-                reader.close()
-            self._trusted.update(u for u in todo if u not in problems)
-            self._untrust(problems)
+        self.check_units(sorted(marked - self._trusted), notes)
         return marked & self._trusted
+
+    def marked_units(self) -> set[int]:
+        """Units with a marker, trusted or not yet checked (:meth:`check_units`)."""
+        return _units.completed(self._markers().read(self._manifest.num_units))
+
+    def check_units(self, units: list[int], notes: list[dict[str, Any]] | None = None) -> set[int]:
+        """Read back marked ``units`` and check each against its note, as :meth:`completed_units` does; return those
+        that hold, trusted from now on (the others are un-marked and listed in :attr:`redone`). Processes may check
+        disjoint units of one cache at once: a multi-process resume shares the reading back."""
+        if not units:
+            return set()
+        notes = self._markers().read(self._manifest.num_units) if notes is None else notes
+        reader = self._reader(strict=False)
+        try:
+            problems = {u: p for u in units if (p := reader.unit_problem(u, notes[u])) is not None}
+        finally:
+            reader.close()
+        good = {u for u in units if u not in problems}
+        self._trusted.update(good)
+        self._untrust(problems)
+        return good
 
     def _untrust(self, problems: Mapping[int, str]) -> None:
         """Un-mark the units that cannot be trusted (so they are redone), and say which and why in one warning."""
