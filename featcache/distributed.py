@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import ConfigError, FeatcacheError
+from .errors import ConfigError, RankFailed
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,6 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
                           f"start at most {count} processes per machine (torchrun --nproc_per_node {count})")
     torch.cuda.set_device(ranks.local_rank)
     return torch.device("cuda", ranks.local_rank)
-
-
-class RankFailed(FeatcacheError):
-    """Another rank of the job failed (its message is quoted), or stopped answering."""
 
 
 class Group:

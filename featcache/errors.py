@@ -113,9 +113,13 @@ class SweepError(FeatcacheError, RuntimeError):
     """A sweep spec is invalid, or some of its runs failed."""
 
 
+class RankFailed(FeatcacheError, RuntimeError):
+    """Another process of a multi-process extraction failed (the message quotes its error) or stopped answering."""
+
+
 #: Kept for code written against v0.1, where the decode error had this name.
 ImageDecodeError = DecodeError
 
 __all__ = ["FeatcacheError", "ConfigError", "UnknownNameError", "MissingFileError", "WeightsUnavailableError",
            "RunExistsError", "CacheError", "CompatError", "DecodeError", "ImageDecodeError", "LockedError",
-           "ReplayDriftError", "SourceError", "SweepError"]
+           "RankFailed", "ReplayDriftError", "SourceError", "SweepError"]
