@@ -188,6 +188,12 @@ def test_ranks_come_from_the_launchers_environment(monkeypatch, env, want):
     assert detect() == want and detect().main == (want.rank == 0)
 
 
+def test_python_m_featcache_is_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "featcache", "extract", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--dist-timeout" in done.stdout, done.stderr
+
+
 def test_a_rank_outside_the_world_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -211,6 +217,11 @@ def test_two_processes_write_the_bytes_of_one_and_never_the_same_file(data, refe
     assert marked == [set(range(0, 12, 2)), set(range(1, 12, 2))], "units are dealt round-robin, one writer each"
     manifest = "zarr.json" if fmt == "zarr" else "manifest.json"
     assert manifest in ours[0] and manifest not in ours[1], "rank 0 creates and finalizes"
+    if fmt == "zarr":  # the same command again: the cache is complete, nothing is written
+        rc, stdout, stderr = finish(launch(tmp_path, cli_args(data, out, fmt), launcher=launcher), tmp_path)
+        assert rc == 0, stderr[-4000:]
+        assert stdout.count("is already complete; nothing to do") == 1 and writes(tmp_path) == [set(), set()]
+        assert tree_bytes(out) == tree_bytes(reference(fmt))
 
 
 @pytest.mark.slow
