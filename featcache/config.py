@@ -111,6 +111,9 @@ class ExtractConfig:
         """Refuse settings no extraction can run with, before any model is loaded."""
         if not self.data or not self.out:
             raise ConfigError("extract needs --data DIR (images) and --out PATH (the cache)")
+        from .storage import ensure_writable, location  # not at import: `featcache --help` stays light
+
+        ensure_writable(location(self.out, "--out"))  # an unknown scheme fails here, before anything is written
         if self.shots is not None and self.fraction is not None:
             raise ConfigError("give --shots or --fraction, not both")
         if self.views < 1:
@@ -191,6 +194,9 @@ class TrainConfig:
                                           "(parity check and speed baseline) instead of reading the cache.")
     fresh_views: bool = setting(False, "With --online-teacher: draw new views every epoch from (seed, epoch, sample) "
                                        "with the cache's recipe, mixes included (true online distillation).")
+    stream: bool | None = setting(None, "Read a wds cache as a stream of whole shards, split over processes x "
+                                        "loader workers (docs/TRAIN.md) [on for a wds cache on object storage, "
+                                        "else off].", toggle=True)
     decode: str = setting("auto", "Where cached targets are decoded: workers (numpy, in the loader workers), device "
                                   "(the stored bytes cross to the device, pinned and without blocking, and are decoded "
                                   "there: half the bytes for fp16, an eighth for pca), auto: device on CUDA.",
@@ -234,6 +240,10 @@ class TrainConfig:
         """
         if not self.cache:
             raise ConfigError("train needs --cache PATH (made by `featcache extract`)")
+        from .storage import location, require_local
+
+        location(self.cache, "--cache")
+        require_local(location(self.out, "--out"), "the run directory (--out)")
         if self.epochs < 1:  # --max-steps only cuts a run short; the epochs still bound the schedule
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         given = [f"--{f.name.replace('_', '-')} {_option_text(getattr(self, f.name))}" for f in dataclasses.fields(self)

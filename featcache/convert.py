@@ -11,7 +11,6 @@ re-running the same command continues an interrupted destination (with the codeb
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from .errors import CacheError
 from .manifest import Manifest
+from .storage import same_location
 from .stores import StoreReader, create_writer, open_reader
 from .stores.encodings import (ErrorMeter, array_specs, decode_targets, encode_target, encoding, fit_sample_rows,
                                fit_targets, parse_codec, stored_names, target_encoding, unfitted)
@@ -121,7 +121,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, format: str, dtype: 
     Raises:
         CacheError: if ``src`` is incomplete, ``dst`` is ``src``, or ``dst`` holds a different cache.
     """
-    if Path(src).resolve() == Path(dst).resolve():
+    if same_location(src, dst):
         raise CacheError(f"convert needs a new destination; {str(dst)!r} is the source cache")
     reader = open_reader(src)
     m_src = reader.manifest

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__, distributed, locks
+from . import __version__, distributed, locks, storage
 from .config import ExtractConfig
 from .datasets import ViewDataset
 from .errors import CacheError, ConfigError, DecodeError
@@ -329,9 +329,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, max_units: int | None
 
 
 def lock_file(out: str | os.PathLike) -> Path:
-    """The lock of an extraction ``--out``: beside it, since ``--overwrite`` deletes and recreates the directory."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}.lock"
+    """The lock of an extraction ``--out`` (:func:`featcache.storage.lock_path`)."""
+    return storage.lock_path(out)
 
 
 def _extract(cfg: ExtractConfig, progress: bool, max_units: int | None) -> str:

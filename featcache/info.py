@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .durable import disk_bytes
+from .storage import disk_bytes
 from .manifest import Manifest
 from .stores import StoreReader, open_reader
 from .stores.encodings import encoding, stored_names
@@ -32,7 +32,7 @@ def cache_info(path: str, measure: int = 8, data_root: str | None = None) -> dic
                      "compressor": spec.get("compressor"), "bytes": nbytes.get(name)}
               for name, spec in m["arrays"].items()}
     raw = m.num_rows * sum(int(np.prod(t["shape"])) for t in m["targets"].values()) * 4
-    total = disk_bytes(path)
+    total = disk_bytes(reader.path)
     target_bytes = sum(nbytes.values()) or total
     codecs = codec_report(path, measure=measure, data_root=data_root, reader=reader)
     return {

@@ -31,13 +31,13 @@ MAX_MEDIAN_LINES = 8
 # Lowest first: a module may import its own layer or lower ones; a package stands for all its modules.
 # The run directory's contract sits below the engine, which writes the run dir through it; sweep and report read it.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "registry", "manifest", "durable", "locks", "config", "declared", "distributed", "__init__"),
+    ("errors", "registry", "manifest", "durable", "storage", "locks", "config", "declared", "distributed", "__init__"),
     ("sources",),
     ("views",),
     ("models",),
     ("teachers",),
     ("stores",),
-    ("datasets",),
+    ("datasets", "streaming"),
     ("methods",),
     ("compat", "build", "extract", "convert", "info", "verify"),
     ("rundir",),

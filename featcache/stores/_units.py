@@ -31,9 +31,10 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..durable import fsync_path, sync_path, write_atomic
+from ..durable import fsync_path
 from ..errors import CacheError, FeatcacheError
 from ..manifest import RECORD_DTYPES, Manifest, check_manifest, diff_keys
+from ..storage import ObjectPath, is_local, location, read_many, rmtree, sync_path, write_atomic
 
 OWN_DIR = "_featcache"
 MANIFEST_JSON = "manifest.json"
@@ -58,18 +59,19 @@ class Markers(ABC):
 
 
 class FileMarkers(Markers):
-    """One JSON file per unit, replaced atomically: ``_featcache/units/unit-{u:06d}.json``."""
+    """One JSON file per unit, replaced atomically: ``_featcache/units/unit-{u:06d}.json`` (one object per unit
+    on object storage, fetched concurrently)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.dir = Path(root) / OWN_DIR / "units"
+    def __init__(self, root: str | os.PathLike | ObjectPath) -> None:
+        self.dir = location(root) / OWN_DIR / "units"
 
-    def path(self, unit: int) -> Path:
+    def path(self, unit: int) -> Path | ObjectPath:
         """The marker file of ``unit``."""
         return self.dir / f"unit-{unit:06d}.json"
 
     def read(self, num_units: int) -> list[dict[str, Any]]:
-        paths = [self.path(u) for u in range(num_units)]
-        return [parse_note(p.read_text() if p.is_file() else "", u) for u, p in enumerate(paths)]
+        texts = read_many([self.path(u) for u in range(num_units)])
+        return [parse_note(_text(raw), u) for u, raw in enumerate(texts)]
 
     def write(self, unit: int, note: Mapping[str, Any]) -> None:
         write_atomic(self.path(unit), note_json(note).encode())
@@ -77,6 +79,13 @@ class FileMarkers(Markers):
     def clear(self, unit: int) -> None:
         self.path(unit).unlink(missing_ok=True)
         sync_path(self.dir)
+
+
+def _text(raw: bytes | None) -> str:
+    try:
+        return raw.decode("utf-8") if raw else ""
+    except UnicodeDecodeError:  # foreign bytes: no marker
+        return ""
 
 
 def unit_note(manifest: Manifest, unit: int, skipped: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -222,6 +231,9 @@ def disk_errors(root: Path) -> Iterator[None]:
     except Exception as err:
         if not is_disk_full(err):
             raise
+        if not is_local(root):  # a local staging file of an upload filled the temp disk
+            raise CacheError(f"disk full while staging a shard of {str(root)!r} in the local temp directory; free "
+                             "space there (or point TMPDIR elsewhere), then re-run the same command") from None
         where = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
         free = shutil.disk_usage(where).free
         raise CacheError(f"disk full while writing the cache {str(root)!r} ({free / 2**20:.1f} MiB left on its "
@@ -236,7 +248,9 @@ _DEBRIS = re.compile(r"^\..+\.tmp(-[0-9a-f-]+)?$|\.[0-9a-f]{32}\.partial$")
 
 def sweep_debris(root: Path) -> list[Path]:
     """Delete the temp files killed writers left under ``root`` (called when the cache is finalized, when no unit is
-    being written); returns what was deleted."""
+    being written); returns what was deleted. Object stores have none: a PUT leaves no temp object behind."""
+    if not is_local(root):
+        return []
     debris = [p for p in root.rglob("*") if _DEBRIS.search(p.name) and p.is_file()]
     for p in debris:
         p.unlink(missing_ok=True)
@@ -256,7 +270,7 @@ def claim(root: Path, overwrite: bool) -> None:
     if root.is_dir() and not (root / OWN_DIR).is_dir() and any(root.iterdir()):
         raise CacheError(f"{str(root)!r} exists and is not a featcache cache; choose another --out")
     if overwrite and root.exists():
-        shutil.rmtree(root)
+        rmtree(root)
 
 
 def check_identity(root: Path, existing: Manifest, wanted: Manifest) -> None:

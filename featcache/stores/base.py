@@ -18,7 +18,6 @@ The backends register on import of :mod:`featcache.stores`, as timm's model file
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
 import warnings
 from abc import ABC, abstractmethod
@@ -30,6 +29,7 @@ import numpy as np
 from ..errors import CacheError
 from ..manifest import Manifest
 from ..registry import Registry
+from ..storage import ObjectPath, location, rmtree
 from . import _units
 from .encodings import Encoding, encoding, stored_names
 
@@ -51,7 +51,7 @@ class StoreWriter(ABC):
             CacheError: when ``path`` holds something else, a damaged or edited cache, or a cache whose identity
                 differs from ``manifest`` (the message names the differing keys; ``overwrite=True`` starts afresh).
         """
-        self.path = Path(path)
+        self.path: Path | ObjectPath = location(path)
         self._trusted: set[int] = set()  # units this writer wrote or read back and checked
         self.redone: dict[int, str] = {}  # units un-marked because they could not be trusted -> why
         wanted = self._new_manifest(Manifest(manifest)).sealed()
@@ -60,7 +60,7 @@ class StoreWriter(ABC):
             existing = self._load_manifest() if self.path.exists() else None
             if existing is None:
                 if self.path.exists():  # creation was interrupted before the manifest landed: nothing in it is valid
-                    shutil.rmtree(self.path)
+                    rmtree(self.path)
                 self._create(wanted)
                 existing = wanted
             else:
@@ -233,7 +233,7 @@ class StoreReader(ABC):
         Raises:
             CacheError: when there is no cache of this format at ``path``, or what it says of itself does not hold.
         """
-        self.path = Path(path)
+        self.path: Path | ObjectPath = location(path, "--cache")
         manifest = self._load_manifest()
         if manifest is None:
             raise CacheError(f"no featcache {self.name} cache at {str(self.path)!r} (no manifest); make one with "
@@ -442,7 +442,7 @@ def detect_format(path: str | os.PathLike) -> str:
     Raises:
         CacheError: when nothing at ``path`` looks like a featcache cache.
     """
-    path = Path(path)
+    path = location(path, "--cache")
     if (path / "zarr.json").is_file():
         return "zarr"
     if (path / "manifest.json").is_file() and any(path.glob("*.tar")):

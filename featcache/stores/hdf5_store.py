@@ -42,6 +42,7 @@ import numpy as np
 from ..durable import fsync_path, temp_token
 from ..errors import CacheError
 from ..manifest import RECORD_DTYPES, Manifest, safe_relpath
+from ..storage import location, require_local
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 
@@ -66,6 +67,7 @@ class Hdf5Writer(_units.JsonManifestWriter, StoreWriter):
     """Writes units into this process's own part file, flushed and fsynced before the unit is marked done."""
 
     def __init__(self, path: str | os.PathLike, manifest: Mapping[str, Any], overwrite: bool = False) -> None:
+        require_local(location(path), "an HDF5 cache (--format hdf5)")  # h5py writes through local descriptors
         self._file: Any = None  # this process's part file, claimed on the first unit
         self._part: Path | None = None  # its name
         super().__init__(path, manifest, overwrite)
@@ -161,6 +163,7 @@ class Hdf5Reader(_units.JsonManifestLayout, StoreReader):
     _pickled = ("path", "manifest", "unit_files")
 
     def __init__(self, path: str | os.PathLike, strict: bool = True) -> None:
+        require_local(location(path, "--cache"), "an HDF5 cache")
         self.unit_files: dict[int, str] | None = None  # unit -> the part its marker names; read with the markers
         super().__init__(path, strict)
 

@@ -12,14 +12,19 @@ Members hold ``.npy`` bytes; with a lossless compressor the ``.npy`` bytes are c
 (``.zst`` is a standard Zstandard frame; ``.blosc`` a Blosc frame). Reading uses :data:`DECODERS` only: any
 other extension, an unknown array, a bad key or a name escaping the shard raises :class:`CacheError`.
 webdataset's default decoders are never used because they unpickle ``.pyd``/``.pickle`` members.
+
+On object storage (:mod:`featcache.storage`) a shard is written to the local temp directory and uploaded once whole;
+random access builds a shard's member index with one buffered pass over its headers, then reads a member with one
+ranged GET; streaming (:mod:`featcache.streaming`) reads shards front to back.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -28,6 +33,7 @@ import numpy as np
 from ..durable import temp_token
 from ..errors import CacheError
 from ..manifest import RECORD_DTYPES, Manifest, safe_relpath
+from ..storage import ObjectPath, RangeFile, is_local
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 from .codecs import numcodecs_compressor
@@ -114,26 +120,35 @@ def _record_json(records: Mapping[str, np.ndarray], i: int) -> bytes:
 @WRITERS.register("wds")
 class WdsWriter(_units.JsonManifestWriter, StoreWriter):
     """Writes tar shards with ``webdataset.ShardWriter``: a temp name first, renamed once complete and fsynced,
-    so a killed extraction never leaves a half tar under a final name."""
+    so a killed extraction never leaves a half tar under a final name. On object storage the tar is staged in the
+    local temp directory and uploaded once complete (one atomic PUT, or a multipart upload that appears whole)."""
 
     def _write_data(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray]
                     ) -> dict[str, Any]:
+        final = self.path / shard_name(unit)
+        if is_local(final):
+            self._write_tar(unit, targets, records, self.path, lambda tmp: _units.publish(Path(tmp), final))
+        else:
+            with tempfile.TemporaryDirectory(prefix="featcache-shard-") as staging:
+                self._write_tar(unit, targets, records, Path(staging), final.upload)
+        return {"file": shard_name(unit)}
+
+    def _write_tar(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray],
+                   where: Path, post: Callable[[str], Any]) -> None:
         import webdataset as wds
 
         rows = self._manifest.unit_rows(unit)
         members = self._member_names()
         # A temp name of this writer's own (two writers must never share one), renamed once complete and fsynced.
-        pattern = str(self.path / f".shard-%06d.tar.{temp_token()}.tmp")
-        final = self.path / shard_name(unit)
+        pattern = str(where / f".shard-%06d.tar.{temp_token()}.tmp")
         # One tar per unit (maxcount > rows); mtime 0 makes shard bytes reproducible; post renames when complete.
         with wds.ShardWriter(pattern, maxcount=len(rows) + 1, maxsize=float("inf"), start_shard=unit, verbose=0,
-                             encoder=False, mtime=0.0, post=lambda tmp: _units.publish(Path(tmp), final)) as sink:
+                             encoder=False, mtime=0.0, post=post) as sink:
             for i, row in enumerate(rows):
                 sample = {"__key__": row_key(self._manifest, row), "records.json": _record_json(records, i)}
                 for name, (ext, codec) in members.items():
                     sample[f"{name}.{ext}"] = _npy_bytes(targets[name][i], codec)
                 sink.write(sample)
-        return {"file": shard_name(unit)}
 
     def _member_names(self) -> dict[str, tuple[str, Any]]:
         out = {}
@@ -151,37 +166,49 @@ def shard_name(unit: int) -> str:
 
 @READERS.register("wds")
 class WdsReader(_units.JsonManifestLayout, StoreReader):
-    """Random access through a lazily built per-shard member index (tar headers -> offsets, then ``pread``);
-    streaming through :meth:`iter_stored_unit` / :meth:`iterable_dataset`."""
+    """Random access through a lazily built per-shard member index (tar headers -> offsets, then ``pread``, or a
+    ranged GET on object storage); streaming through :meth:`iter_stored_unit` / :meth:`iterable_dataset`."""
 
     def _fresh_handles(self) -> None:
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, RangeFile] = {}
         self._index: dict[int, dict[tuple[int, str], tuple[int, int, str]]] = {}
         self._records: dict[str, np.ndarray] | None = None
 
     def _close_handles(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fh in self._fds.values():
+            fh.close()
         self._fds.clear()
 
-    def shard_path(self, unit: int) -> Path:
+    def shard_path(self, unit: int) -> Path | ObjectPath:
         """The tar file of ``unit``."""
         return self.path / shard_name(unit)
 
-    def _fd(self, unit: int) -> int:
+    def _fd(self, unit: int) -> RangeFile:
         self._own_handles()
         if unit not in self._fds:
             path = self.shard_path(unit)
-            if not path.is_file():
-                raise CacheError(f"shard {str(path)!r} is missing; re-run `featcache extract` to write it")
-            self._fds[unit] = os.open(path, os.O_RDONLY)
+            try:
+                self._fds[unit] = RangeFile(path)
+            except FileNotFoundError:
+                raise CacheError(f"shard {str(path)!r} is missing; re-run `featcache extract` to write it") from None
         return self._fds[unit]
+
+    @contextmanager
+    def _open_tar(self, unit: int, mode: str) -> Iterator[tarfile.TarFile]:
+        """The shard as a tar: ``r:`` seeks from header to header (the index), ``r|`` streams it front to back."""
+        path = self.shard_path(unit)
+        if is_local(path):
+            with tarfile.open(path, mode) as tar:
+                yield tar
+            return
+        with path.open("rb") as fh, tarfile.open(fileobj=fh, mode=mode) as tar:  # fsspec's buffered reads
+            yield tar
 
     def _unit_index(self, unit: int) -> dict[tuple[int, str], tuple[int, int, str]]:
         self._fd(unit)
         if unit not in self._index:
             index = {}
-            with tarfile.open(self.shard_path(unit), "r:") as tar:
+            with self._open_tar(unit, "r:") as tar:
                 for info in tar:
                     row, array, ext = self._check(info)
                     index[(row, array)] = (info.offset_data, info.size, ext)
@@ -200,14 +227,21 @@ class WdsReader(_units.JsonManifestLayout, StoreReader):
             offset, size, ext = self._unit_index(unit)[(row, array)]
         except KeyError:
             raise CacheError(f"{self.shard_path(unit)} has no member for row {row} array {array!r}") from None
-        return DECODERS[ext](os.pread(self._fd(unit), size, offset))
+        return DECODERS[ext](self._fd(unit).read(size, offset))
 
     def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         return {n: self._member(row, n) for n in names or list(self.manifest["arrays"])}
 
     def records(self) -> dict[str, np.ndarray]:
+        """Every row's records: one ``pread`` per row locally; on object storage each shard is streamed once
+        instead (a ranged GET per row would cost a round trip each)."""
         if self._records is None:
-            self._records = _record_columns([self._member(row, "records") for row in range(len(self))])
+            if is_local(self.path):
+                recs = [self._member(row, "records") for row in range(len(self))]
+            else:
+                units = range(self.manifest.num_units)
+                recs = [got["records"] for unit in units for _, got in self._stream(unit, {"records"})]
+            self._records = _record_columns(recs)
         return dict(self._records)
 
     def unit_records(self, unit: int) -> dict[str, np.ndarray]:
@@ -223,16 +257,24 @@ class WdsReader(_units.JsonManifestLayout, StoreReader):
     def iter_stored_unit(self, unit: int, names: list[str] | None = None
                          ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Read one shard front to back (sequential reads, no index), validating every member."""
-        wanted = set(names or self.manifest["arrays"])
+        return self._stream(unit, set(names or self.manifest["arrays"]))
+
+    def stream_rows(self, unit: int, names: list[str] | None, rows: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Read one shard front to back like :meth:`iter_stored_unit`, decoding only ``rows`` (the others' members
+        are read past: a stream cannot skip bytes, but it need not decode them)."""
+        return self._stream(unit, set(names or self.manifest["arrays"]), rows)
+
+    def _stream(self, unit: int, wanted: set[str], rows: set[int] | None = None
+                ) -> Iterator[tuple[int, dict[str, Any]]]:
         current, stored = None, {}
-        with tarfile.open(self.shard_path(unit), "r|") as tar:
+        with self._open_tar(unit, "r|") as tar:
             for info in tar:
                 row, array, ext = self._check(info)
                 if current is not None and row != current:
                     yield current, stored
                     stored = {}
                 current = row
-                if array in wanted:
+                if array in wanted and (rows is None or row in rows):
                     stored[array] = DECODERS[ext](tar.extractfile(info).read())
         if current is not None:
             yield current, stored

@@ -22,6 +22,12 @@ codec's trailing table of ``(offset, nbytes)`` uint64 pairs + CRC-32C) once per 
 read path costs far more per row (``benchmarks/store_speed.py`` compares them: ~1.2k arrays/s warm vs ~30k views/s
 for direct preads), and training reads single views in random order. Layouts the fast path does not know (codecs
 other than bytes/zstd/blosc/gzip, big-endian bytes, inner chunks other than one row) are read through zarr-python.
+
+On object storage (``s3://``, ``gs://``, ``memory://``; :mod:`featcache.storage`) zarr-python writes through its
+``FsspecStore``: every shard is one object, put whole, so a unit is on the store once its PUTs returned, and only then
+is it marked. The fast path reads a row with two ranged GETs the first time a process touches a shard (its index:
+the object's size, then its tail) and one ranged GET per array afterwards; ``simplecache::``/``blockcache::`` in
+front of the URL keeps what was read on local disk.
 """
 from __future__ import annotations
 
@@ -31,9 +37,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..durable import disk_bytes, fsync_path, sync_path
 from ..errors import CacheError, ConfigError, UnknownNameError
 from ..manifest import RECORD_DTYPES, Manifest, check_manifest
+from ..storage import ObjectPath, RangeFile, disk_bytes, fsync_path, location, read_many, sync_path
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 
@@ -42,14 +48,24 @@ RECORDS = "records"
 _MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
-def read_manifest(path: str | os.PathLike) -> Manifest | None:
+def zarr_store(path: Path | ObjectPath, read_only: bool = False) -> Any:
+    """What zarr-python opens for ``path``: the local path as before, or zarr's ``FsspecStore`` for an object store
+    (each chunk or shard one object, written with one PUT)."""
+    if not isinstance(path, ObjectPath):
+        return str(path)
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(path.target_url(), read_only=read_only)
+
+
+def read_manifest(path: str | os.PathLike | ObjectPath) -> Manifest | None:
     """The manifest stored in a Zarr cache's group attributes (plain JSON, no zarr needed), validated by
     :func:`~featcache.manifest.check_manifest`; None if absent.
 
     Raises:
         CacheError: when ``zarr.json`` is not valid JSON, not group metadata, or holds an invalid manifest.
     """
-    meta = Path(path) / "zarr.json"
+    meta = location(path, "--cache") / "zarr.json"
     if not meta.is_file():
         return None
     attrs = _node_meta(meta, "group").get("attributes", {})
@@ -59,7 +75,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest | None:
     return check_manifest(attrs["featcache"], f"{meta} (attributes.featcache)") if "featcache" in attrs else None
 
 
-def _node_meta(meta: Path, node_type: str) -> dict[str, Any]:
+def _node_meta(meta: Path | ObjectPath, node_type: str) -> dict[str, Any]:
     """A Zarr v3 ``zarr.json`` of a group or an array, checked to be one.
 
     Raises:
@@ -88,7 +104,7 @@ class ZarrMarkers(_units.Markers):
     through zarr-python, whose LocalStore replaces the chunk file atomically, so plain zarr reads the markers too.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | ObjectPath) -> None:
         self.path = path
         self._array: Any = None
 
@@ -96,10 +112,10 @@ class ZarrMarkers(_units.Markers):
         import numcodecs
 
         codec, notes = numcodecs.VLenUTF8(), []
-        for unit in range(num_units):
-            chunk = self.path / MARKERS / "c" / str(unit)
+        chunks = read_many([self.path / MARKERS / "c" / str(unit) for unit in range(num_units)])
+        for unit, raw in enumerate(chunks):
             try:
-                text = str(codec.decode(chunk.read_bytes())[0]) if chunk.is_file() else ""
+                text = str(codec.decode(raw)[0]) if raw is not None else ""
             except (ValueError, IndexError):  # torn or foreign bytes: no marker
                 text = ""
             notes.append(_units.parse_note(text, unit))
@@ -117,7 +133,7 @@ class ZarrMarkers(_units.Markers):
         import zarr
 
         if self._array is None:
-            self._array = zarr.open_array(str(self.path / MARKERS), mode="r+")
+            self._array = zarr.open_array(zarr_store(self.path / MARKERS), mode="r+")
         return self._array
 
 
@@ -172,7 +188,7 @@ class ZarrWriter(StoreWriter):
     def _save_manifest(self, manifest: Manifest) -> None:
         import zarr
 
-        zarr.open_group(str(self.path), mode="r+").update_attributes({"featcache": dict(manifest)})
+        zarr.open_group(zarr_store(self.path), mode="r+").update_attributes({"featcache": dict(manifest)})
         fsync_path(self.path / "zarr.json")
 
     def _markers(self) -> _units.Markers:
@@ -182,7 +198,7 @@ class ZarrWriter(StoreWriter):
         import zarr
 
         (self.path / _units.OWN_DIR).mkdir(parents=True)
-        group = zarr.open_group(str(self.path), mode="a")
+        group = zarr.open_group(zarr_store(self.path), mode="a")
         rows, shard = manifest.num_rows, manifest.shard_size
         for name, spec in manifest["arrays"].items():
             shape = tuple(int(s) for s in spec["shape"])
@@ -202,7 +218,7 @@ class ZarrWriter(StoreWriter):
         import zarr
 
         if name not in self._arrays:
-            self._arrays[name] = zarr.open_array(str(self.path / name), mode="r+")
+            self._arrays[name] = zarr.open_array(zarr_store(self.path / name), mode="r+")
         return self._arrays[name]
 
     def _write_data(self, unit: int, targets: Mapping[str, np.ndarray], records: Mapping[str, np.ndarray]
@@ -219,7 +235,7 @@ class ZarrWriter(StoreWriter):
 class _ShardedArray:
     """Where one array's rows live on disk, parsed from its zarr.json; ``fast`` False means "use zarr-python"."""
 
-    def __init__(self, root: Path, name: str, meta: Mapping[str, Any]) -> None:
+    def __init__(self, root: Path | ObjectPath, name: str, meta: Mapping[str, Any]) -> None:
         self.root, self.name = root, name
         self.shape = tuple(int(s) for s in meta["shape"])
         self.dtype = np.dtype(meta["data_type"] if meta["data_type"] != "bfloat16" else "uint16")
@@ -246,32 +262,32 @@ class _ShardedArray:
         self.shard_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         return True
 
-    def shard_path(self, shard: int) -> Path:
+    def shard_path(self, shard: int) -> Path | ObjectPath:
         """The file holding shard ``shard``."""
         return self.root / self.name / _chunk_key(self.meta, (shard,) + (0,) * (len(self.shape) - 1))
 
-    def read_index(self, shard: int) -> tuple[int, np.ndarray]:
-        """Open shard ``shard``; return its descriptor and its index ``[shard_rows, 2]`` of ``(offset, nbytes)``.
+    def read_index(self, shard: int) -> tuple[RangeFile, np.ndarray]:
+        """Open shard ``shard``; return it and its index ``[shard_rows, 2]`` of ``(offset, nbytes)``.
 
         Raises:
             CacheError: when the shard is missing, truncated or its index fails its CRC-32C.
         """
         path = self.shard_path(shard)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fh = RangeFile(path)
         except FileNotFoundError:
             raise CacheError(f"shard {path} is missing; the cache is incomplete or damaged") from None
         try:
-            return fd, self._parse_index(path, fd)
+            return fh, self._parse_index(path, fh)
         except CacheError:
-            os.close(fd)
+            fh.close()
             raise
 
-    def _parse_index(self, path: Path, fd: int) -> np.ndarray:
+    def _parse_index(self, path: Path | ObjectPath, fh: RangeFile) -> np.ndarray:
         n = self.shard_rows
         size = n * 16 + (4 if self.index_crc else 0)
-        offset = os.fstat(fd).st_size - size if self.index_at_end else 0
-        raw = os.pread(fd, size, max(offset, 0))
+        offset = fh.size - size if self.index_at_end else 0
+        raw = fh.read(size, max(offset, 0))
         if len(raw) != size or offset < 0:
             raise CacheError(f"shard {path} is truncated (cannot read its {size}-byte index)")
         if self.index_crc:
@@ -281,12 +297,13 @@ class _ShardedArray:
                 raise CacheError(f"shard {path} has a corrupt index (CRC-32C mismatch)")
         return np.frombuffer(raw[:n * 16], dtype="<u8").reshape(n, 2)
 
-    def read_row(self, fd: int, index: np.ndarray, row: int) -> np.ndarray:
-        """One row through the shard index: a ``pread`` of its chunk, decompressed."""
+    def read_row(self, fh: RangeFile, index: np.ndarray, row: int) -> np.ndarray:
+        """One row through the shard index: a ``pread`` (a ranged GET on object storage) of its chunk,
+        decompressed."""
         offset, nbytes = index[row % self.shard_rows]
         if offset == _MISSING and nbytes == _MISSING:
             return np.full(self.shape[1:], self.fill_value, dtype=self.dtype)
-        buf = os.pread(fd, int(nbytes), int(offset))
+        buf = fh.read(int(nbytes), int(offset))
         for dec in reversed(self.decompressors):
             buf = dec.decode(buf)
         return np.frombuffer(buf, dtype=self.dtype.newbyteorder("<")).reshape(self.shape[1:])
@@ -319,12 +336,12 @@ class ZarrReader(StoreReader):
 
     def _fresh_handles(self) -> None:
         self._layout: dict[str, _ShardedArray] = {}
-        self._fds: dict[tuple[str, int], int] = {}
+        self._fds: dict[tuple[str, int], RangeFile] = {}
         self._index: dict[tuple[str, int], np.ndarray] = {}
 
     def _close_handles(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fh in self._fds.values():
+            fh.close()
         self._fds, self._index = {}, {}
 
     def _array_layout(self, name: str) -> _ShardedArray:
@@ -372,7 +389,7 @@ class ZarrReader(StoreReader):
         if isinstance(self._markers(), ZarrMarkers):
             self._array_meta(MARKERS, [m.num_units], "str")
 
-    def _shard(self, arr: _ShardedArray, shard: int) -> tuple[int, np.ndarray]:
+    def _shard(self, arr: _ShardedArray, shard: int) -> tuple[RangeFile, np.ndarray]:
         key = (arr.name, shard)
         if key not in self._index:
             self._fds[key], self._index[key] = arr.read_index(shard)
@@ -393,7 +410,7 @@ class ZarrReader(StoreReader):
     def _read_zarr(self, name: str, row: int) -> np.ndarray:
         import zarr
 
-        return np.asarray(zarr.open_array(str(self.path / name), mode="r")[row])
+        return np.asarray(zarr.open_array(zarr_store(self.path / name, read_only=True), mode="r")[row])
 
     def read_row_zarr(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Stored arrays of one row through zarr-python (reference path, for checks and comparisons)."""
@@ -402,14 +419,14 @@ class ZarrReader(StoreReader):
     def records(self) -> dict[str, np.ndarray]:
         import zarr
 
-        group = zarr.open_group(str(self.path / RECORDS), mode="r")
+        group = zarr.open_group(zarr_store(self.path / RECORDS, read_only=True), mode="r")
         return {name: np.asarray(group[name][:]) for name in RECORD_DTYPES}
 
     def unit_records(self, unit: int) -> dict[str, np.ndarray]:
         import zarr
 
         rows = self.manifest.unit_rows(unit)
-        group = zarr.open_group(str(self.path / RECORDS), mode="r")
+        group = zarr.open_group(zarr_store(self.path / RECORDS, read_only=True), mode="r")
         return {name: np.asarray(group[name][rows.start:rows.stop]) for name in RECORD_DTYPES}
 
     def array_nbytes(self) -> dict[str, int]:
