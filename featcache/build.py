@@ -185,10 +185,30 @@ def resolve_decode(cfg: TrainConfig, device: torch.device) -> str:
     return "device" if device.type == "cuda" else "workers"
 
 
-def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode: str = "workers"
-                       ) -> tuple[Any, Any, DataLoader]:
+def use_stream(cfg: TrainConfig, reader: Any) -> bool:
+    """``--stream`` / ``--no-stream``, by default on for a wds cache on object storage (where a round trip per item
+    is what random access costs) and off otherwise.
+
+    Raises:
+        ConfigError: for ``--stream`` with ``--grad-accum`` > 1 (a stream's epoch need not end on a full
+            accumulation window, and its loader is not prepared, so Accelerate could not close it).
+    """
+    from .storage import is_local
+
+    remote_wds = reader.manifest["storage"]["format"] == "wds" and not is_local(reader.path)
+    stream = cfg.stream if cfg.stream is not None else remote_wds and not cfg.fresh_views
+    if stream and cfg.grad_accum > 1:
+        raise ConfigError(f"--stream with --grad-accum {cfg.grad_accum} is not supported; pass --no-stream (random "
+                          "access) or --grad-accum 1")
+    return stream
+
+
+def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode: str = "workers",
+                       stream: bool = False, rank: int = 0, world_size: int = 1) -> tuple[Any, Any, DataLoader]:
     """The cached views (replayed from their source images, or new ones with ``--fresh-views``) with their targets:
-    ``(dataset, sampler, loader)``."""
+    ``(dataset, sampler, loader)``. With ``stream``, the loader reads a :class:`~featcache.streaming.StreamedViews`
+    of this ``rank`` (which is also the sampler: it takes the epoch), already batched and split over the
+    ``world_size`` processes: it must not be given to ``accelerator.prepare``."""
     from .datasets import CachedViewDataset, EpochSampler
     from .sources import source_from_manifest
     from .views import Recipe
@@ -201,6 +221,11 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode:
                                 num_classes=_num_classes(cfg, manifest), label_smoothing=cfg.label_smoothing,
                                 fresh_views=cfg.fresh_views, max_views=_max_views(cfg, manifest),
                                 decode=decode)
+    if stream:
+        from .streaming import StreamedViews
+
+        views = StreamedViews(dataset, cfg.batch_size, rank, world_size, cfg.workers, cfg.seed)
+        return dataset, views, DataLoader(views, **dict(_loader_kwargs(cfg), batch_size=None))
     sampler = EpochSampler(len(dataset), seed=cfg.seed)
     return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
 

@@ -189,7 +189,12 @@ class CachedViewDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.fresh_views:
             return self.fresh_item(index)
-        sample, row = self.samples[index], self.row_of(index)
+        return self.item(index, self.row_of(index))
+
+    def item(self, index: int, row: int, stored: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Item ``index`` from cache row ``row``; its ``stored`` arrays when the caller read them already (a
+        stream of whole shards, :mod:`featcache.streaming`), else they are read here."""
+        sample = self.samples[index]
         params = self.params[row]
         partner = self.recipe.partner_of(params)  # a mixed view: its partner's image is replayed too
         image = replay(self.load(sample, row), self.recipe, params,
@@ -197,12 +202,14 @@ class CachedViewDataset(Dataset):
         if self.checked is None or index in self.checked:
             self.check_fingerprint(sample, row, image)
         out: dict[str, Any] = {"image": image, "label": self.label(index, params), "row": row, "sample": sample}
-        if self.targets and self.decode == "device":
-            out["stored"] = {k: _tensor(v) for k, v in self.reader.read_stored_row(row, self.stored).items()}
-        elif self.targets:
-            # np.require copies only a read-only row (an fp32 pass-through of the reader's buffer).
+        if not self.targets:
+            return out
+        stored = stored if stored is not None else self.reader.read_stored_row(row, self.stored)
+        if self.decode == "device":
+            out["stored"] = {k: _tensor(stored[k]) for k in self.stored}
+        else:  # np.require copies only a read-only row (an fp32 pass-through of the reader's buffer).
             out["targets"] = {k: torch.from_numpy(np.require(v, np.float32, ["W"]))
-                              for k, v in self.reader.read_row(row, self.targets).items()}
+                              for k, v in self.reader.decode(stored, self.targets).items()}
         return out
 
     def load(self, sample: int, row: int) -> torch.Tensor:

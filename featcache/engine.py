@@ -39,13 +39,14 @@ from torch.utils.data import DataLoader
 from . import locks, rundir, trackers
 from .build import (build_ema, build_eval_loader, build_optimizer, build_scheduler, build_student, build_targets_fn,
                     build_task, build_train_loader, required_targets, resolve_ce_weight, resolve_decode,
-                    resolve_methods, student_spec)
+                    resolve_methods, student_spec, use_stream)
 from .config import TrainConfig, load_yaml, to_dict
 from .errors import ConfigError, RunExistsError
 from .methods.task import DistillTask
 from .models import normalization
 from .progress import Console, Meter, MetricsLog, end_summary, start_summary
 from .stores import open_reader
+from .streaming import DeviceLoader
 from .views import normalize
 
 #: Complete checkpoints kept on disk (older ones are deleted once a newer one is complete).
@@ -168,12 +169,18 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     task = build_task(cfg, manifest, student, specs, img_size)
     needed = required_targets(manifest, specs)
     decode = resolve_decode(cfg, accelerator.device)
-    dataset, sampler, train_loader = build_train_loader(cfg, reader, needed, decode)
+    stream = use_stream(cfg, reader)
+    dataset, sampler, train_loader = build_train_loader(cfg, reader, needed, decode, stream,
+                                                        accelerator.process_index, accelerator.num_processes)
     eval_loader = build_eval_loader(cfg, manifest, img_size, data_cfg)
     optimizer = build_optimizer(cfg, task, accelerator.num_processes)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), accelerator.num_processes)
-    prepared = accelerator.prepare(task, optimizer, train_loader, eval_loader, scheduler)
-    task, optimizer, train_loader, eval_loader, scheduler = prepared
+    if stream:  # already split by rank: preparing it would split it again
+        task, optimizer, eval_loader, scheduler = accelerator.prepare(task, optimizer, eval_loader, scheduler)
+        train_loader = DeviceLoader(train_loader, accelerator.device)
+    else:
+        prepared = accelerator.prepare(task, optimizer, train_loader, eval_loader, scheduler)
+        task, optimizer, train_loader, eval_loader, scheduler = prepared
     targets_fn = build_targets_fn(cfg, manifest, needed, accelerator.device, decode)
     ema = build_ema(cfg, accelerator.unwrap_model(task).student)  # after prepare: on the student's device
     _write_config(accelerator, out, cfg)
@@ -274,7 +281,7 @@ def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
     acc = run.accelerator
     if state.epoch != epoch:
         state.epoch, state.batches_done = epoch, 0
-    loader = acc.skip_first_batches(run.train_loader, state.batches_done) if state.batches_done else run.train_loader
+    loader = _skip_batches(run, state.batches_done)
     set_epoch(run, loader, epoch)
     run.task.train()
     meter, tick = Meter(), time.perf_counter()
@@ -292,6 +299,15 @@ def train_epoch(run: Run, state: RunState, epoch: int) -> bool:
     if meter.count:  # the last steps of the epoch when it does not end on a multiple of log_every
         log_train(run, state, meter)
     return _reached_max_steps(run, state)
+
+
+def _skip_batches(run: Run, batches: int) -> Any:
+    """The train loader from batch ``batches`` of the epoch on (a resume mid-epoch)."""
+    if not batches:
+        return run.train_loader
+    if isinstance(run.train_loader, DeviceLoader):
+        return run.train_loader.skip(batches)
+    return run.accelerator.skip_first_batches(run.train_loader, batches)
 
 
 def train_step(run: Run, batch: Mapping[str, Any], meter: Meter) -> dict[str, torch.Tensor]:
