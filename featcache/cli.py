@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .errors import FeatcacheError
-from .options import Command, default_option, field_choice, load_config, parse_method_args
+from .options import CacheLocation, Command, default_option, field_choice, load_config, parse_method_args
 
 __all__ = ["main", "parse_method_args"]
 
@@ -85,7 +85,7 @@ def _info_options() -> list[click.Parameter]:
 
 
 @main.command(build=_info_options)
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", type=CacheLocation())
 def info(cache: str, as_json: bool, **options: Any) -> None:
     """Summarise CACHE: manifest, counts, bytes on disk, ratio to raw fp32, per-target codec and measured error."""
     from .info import cache_info, format_info
@@ -102,7 +102,7 @@ def _verify_options() -> list[click.Parameter]:
 
 
 @main.command(build=_verify_options)
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", type=CacheLocation())
 def verify(cache: str, **options: Any) -> None:
     """Replay random stored views, re-run the teacher, report max abs and relative error per target.
 
@@ -128,7 +128,7 @@ def _convert_options() -> list[click.Parameter]:
 
 
 @main.command(build=_convert_options)
-@click.argument("src", type=click.Path(exists=True))
+@click.argument("src", type=CacheLocation())
 @click.argument("dst")
 def convert(src: str, dst: str, format: str, **options: Any) -> None:
     """Rewrite cache SRC as DST in another backend and/or encoding, keeping the manifest and view records.

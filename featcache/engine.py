@@ -187,6 +187,9 @@ def setup(cfg: TrainConfig, out: Path) -> Run:
     costs = _costs(cfg, task, accelerator)
     summary = start_summary(cfg, manifest, accelerator, task, steps_per_epoch(cfg, len(train_loader)), costs)
     summary += _alone_warning(accelerator)
+    if stream:
+        summary.append(f"read     streamed: whole wds shards in a seeded order per epoch, split over "
+                       f"{accelerator.num_processes} process(es) x {max(cfg.workers, 1)} loader worker(s)")
     return Run(cfg, out, accelerator, task, optimizer, scheduler, train_loader, eval_loader, dataset, sampler,
                data_cfg["mean"], data_cfg["std"], targets_fn, MetricsLog(out, accelerator), costs,
                student_spec(cfg, manifest, img_size), Console.for_run(out, accelerator, cfg.quiet), summary,

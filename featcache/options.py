@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import types
 import typing
 from typing import Any, Callable
@@ -20,6 +21,18 @@ from typing import Any, Callable
 import click
 
 from .errors import ConfigError
+
+
+class CacheLocation(click.ParamType):
+    """A cache argument: an existing local path, or a URL (``s3://...``), checked when the command opens it
+    (:func:`featcache.storage.location`: an unsupported scheme is one line there, and nothing is written)."""
+
+    name = "cache"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", str(value)) or "::" in str(value):
+            return str(value)
+        return click.Path(exists=True).convert(value, param, ctx)
 
 
 def resolve(ref: str) -> Any:

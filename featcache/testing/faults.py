@@ -41,8 +41,11 @@ def cache_content(path: str | Path) -> dict[str, Any]:
     return {"manifest": dict(reader.manifest), "notes": notes, "rows": rows, "records": records, "files": others}
 
 
-def _child(run: Callable[[], Any], kill_at_fsync: int | None) -> None:
-    """The forked extraction: SIGKILL itself just before its ``kill_at_fsync``-th fsync, if given."""
+def _child(run: Callable[[], Any], kill_at_fsync: int | None, arm: Callable[[], Any] | None = None) -> None:
+    """The forked extraction: SIGKILL itself just before its ``kill_at_fsync``-th fsync, if given; ``arm`` sets up
+    another kill point (:func:`featcache.testing.s3.kill_at_put`)."""
+    if arm is not None:
+        arm()
     if kill_at_fsync is not None:
         real, calls = os.fsync, [0]
 
@@ -61,9 +64,11 @@ def _child(run: Callable[[], Any], kill_at_fsync: int | None) -> None:
     os._exit(0)
 
 
-def killed_extraction(run: Callable[[], Any], delay: float | None = None, kill_at_fsync: int | None = None) -> bool:
+def killed_extraction(run: Callable[[], Any], delay: float | None = None, kill_at_fsync: int | None = None,
+                      arm: Callable[[], Any] | None = None) -> bool:
     """Run ``run`` in a forked child and kill it with SIGKILL after ``delay`` seconds, or just before its
-    ``kill_at_fsync``-th ``os.fsync``. Returns True when the child was killed, False when it finished first.
+    ``kill_at_fsync``-th ``os.fsync``, or where ``arm`` (run first in the child) makes it kill itself. Returns True
+    when the child was killed, False when it finished first.
 
     Raises:
         AssertionError: when the child failed (its traceback is on stderr).
@@ -72,7 +77,7 @@ def killed_extraction(run: Callable[[], Any], delay: float | None = None, kill_a
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child(run, kill_at_fsync)
+        _child(run, kill_at_fsync, arm)
     status = None
     if delay is not None:
         deadline = time.monotonic() + delay
