@@ -4,7 +4,11 @@ Also prints the two comparisons the training read path must win, measured in the
   * random-order views of a Zarr cache: featcache's direct shard-index reader vs zarr-python's per-view
     indexing (``zarr.open_array(...)[row]`` on arrays opened once, warm page cache);
   * read samples/s (2 DataLoader workers) vs a deit_tiny student training step (forward + backward + AdamW)
-    at ``--img-size`` on this CPU.
+    at ``--img-size`` on this CPU;
+  * one fp16 wds cache read shuffled by random access (a tar member per target per view) vs streamed (whole
+    shards in a shuffled order, split over the workers), side by side, on local disk and on an S3 API: moto's
+    server, started here on 127.0.0.1 (``pip install 'moto[server]' s3fs``; ``--no-s3`` skips it), read
+    directly and through fsspec's ``simplecache::`` layer.
 
 Targets are synthetic but shaped and distributed like ViT-S/16 block outputs at 224 px (197 tokens x 384
 channels): low-rank token structure + noise, log-normal channel scales and a few x40 outlier channels, plus
@@ -56,7 +60,9 @@ def bench_manifest(fmt: str, dtype: str, codec: str, topk: int | None, targets: 
     fit = fit_sample_rows(np.ones(views, dtype=np.uint8))  # pca: the codebook from the data, as convert fits it
     section = fit_targets(section, {n: targets[n][fit] for n in unfitted(section)})
     return Manifest({"format_version": 1, "teacher": {"name": "synthetic"}, "layers": [11], "img_size": 224,
-                     "normalization": {}, "data": {}, "subset": {}, "views": {"count": 1, "seed": 0, "param_names": []},
+                     "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"},
+                     "data": {"kind": "folder", "root": "/nowhere"}, "subset": {"shots": None},
+                     "views": {"count": 1, "seed": 0, "param_names": []},
                      "storage": storage, "targets": section,
                      "arrays": array_specs(shapes, storage), "num_samples": views, "num_rows": views,
                      "complete": False, "skipped": []})
@@ -142,13 +148,38 @@ def bench_one(root: Path, fmt: str, dtype: str, codec: str, topk: int | None, ta
 
 def stream_rate(reader, workers: int, batch: int = 32) -> float:
     """Samples/s of the wds IterableDataset (shards split over the workers; first batch excluded)."""
-    loader = torch.utils.data.DataLoader(reader.iterable_dataset(), batch_size=batch, num_workers=workers)
+    stream = reader.iterable_dataset(shuffle_shards=True)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers)
     it = iter(loader)
     next(it)
     t, n = time.perf_counter(), 0
     for rows, _ in it:
         n += len(rows)
     return n / max(time.perf_counter() - t, 1e-9)
+
+
+def stream_vs_random(targets: dict, args) -> list[dict]:
+    """Random-access vs streamed samples/s of the same fp16 wds cache: local, on S3 (moto), on S3 + simplecache."""
+    m = bench_manifest("wds", "fp16", "none", None, targets, args.shard_size)
+    root = Path(tempfile.mkdtemp(prefix="featcache-stream-"))
+    out = [_rates("local", str(root / "wds"), m, targets, args)]
+    if not args.no_s3:
+        from featcache.testing.s3 import local_s3
+
+        with local_s3("bench"):
+            out.append(_rates("s3 (moto, 127.0.0.1)", "s3://bench/wds", m, targets, args))
+            out.append(_rates("simplecache::s3", "simplecache::s3://bench/wds", m, targets, args, write=False))
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _rates(where: str, url: str, m: Manifest, targets: dict, args, write: bool = True) -> dict:
+    if write:
+        write_cache(url, m, targets)
+    reader = open_reader(url)
+    loader_rate(reader, True, args.workers)  # a first pass: what a cache layer (or the page cache) keeps
+    return {"cache": where, "random_samples_s": loader_rate(reader, True, args.workers),
+            "stream_samples_s": stream_rate(reader, args.workers)}
 
 
 def zarr_comparison(path: Path, rounds: int = 2) -> dict:
@@ -227,6 +258,7 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="only the fp16/none, int8+zstd and pca:0.3 codecs")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--no-s3", action="store_true", help="compare streaming with random access on local disk only")
     args = p.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     targets = synthetic_targets(args.views, args.tokens, args.dim, args.classes)
@@ -237,6 +269,7 @@ def main() -> None:
         print_table(rows)
         cmp = zarr_comparison(root / "zarr-fp16-none") if "zarr" in args.formats else {}
         train = train_step_rate(args.img_size, args.train_batch)
+        streams = stream_vs_random(targets, args) if "wds" in args.formats else []
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if cmp:
@@ -247,8 +280,14 @@ def main() -> None:
     print(f"deit_tiny train step @ {args.img_size}px, batch {args.train_batch}, {torch.get_num_threads()} threads: "
           f"{train:.1f} samples/s" + (f"; slowest zarr random read with {args.workers} workers: {best:.0f} samples/s "
                                       f"({best / train:.0f}x ahead)" if best else ""))
+    if streams:
+        print(f"\nwds fp16 cache, {args.views} views in shards of {args.shard_size}, {args.workers} workers, batch 32:")
+        print("| cache | random access samples/s | streamed samples/s | streamed / random |\n|---|---:|---:|---:|")
+        for s in streams:
+            print(f"| {s['cache']} | {s['random_samples_s']:.0f} | {s['stream_samples_s']:.0f} | "
+                  f"{s['stream_samples_s'] / s['random_samples_s']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "zarr": cmp, "train_samples_s": train,
+        Path(args.json).write_text(json.dumps({"rows": rows, "zarr": cmp, "train_samples_s": train, "stream": streams,
                                                "args": vars(args)}, indent=1))
 
 
