@@ -319,6 +319,15 @@ def read_many(paths: list["Path | ObjectPath"]) -> list[bytes | None]:
     return [v if isinstance(v := got.get(p.path), bytes) else None for p in remote]
 
 
+def missing_files(paths: list["Path | ObjectPath"], under: "Path | ObjectPath") -> list["Path | ObjectPath"]:
+    """The ``paths`` (all below ``under``) that are not files: one ``is_file`` each locally, one listing of
+    ``under`` for objects (a HEAD per shard would cost a round trip each when a large cache is opened)."""
+    if not isinstance(under, ObjectPath):
+        return [p for p in paths if not p.is_file()]
+    present = {str(p) for p in under.files()} if under.exists() else set()
+    return [p for p in paths if str(p) not in present]
+
+
 class RangeFile:
     """Byte ranges of one file: ``os.pread`` on a local descriptor, a ranged GET (``cat_file(start, end)``) on an
     object. The training read path reads a row as one range (a shard index entry, a tar member)."""

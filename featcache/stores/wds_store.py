@@ -33,7 +33,7 @@ import numpy as np
 from ..durable import temp_token
 from ..errors import CacheError
 from ..manifest import RECORD_DTYPES, Manifest, safe_relpath
-from ..storage import ObjectPath, RangeFile, is_local
+from ..storage import ObjectPath, RangeFile, is_local, missing_files
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 from .codecs import numcodecs_compressor
@@ -249,10 +249,10 @@ class WdsReader(_units.JsonManifestLayout, StoreReader):
 
     def _check_layout(self, notes: list[dict[str, Any]]) -> None:
         """The tar shard of every marked unit is there (its members are validated when it is read)."""
-        for unit in _units.completed(notes):
-            if not self.shard_path(unit).is_file():
-                raise CacheError(f"shard {self.shard_path(unit)} of marked unit {unit} is missing; re-run the same "
-                                 "`featcache extract` command to redo it")
+        shards = {self.shard_path(u): u for u in sorted(_units.completed(notes))}
+        for path in missing_files(list(shards), self.path)[:1]:
+            raise CacheError(f"shard {path} of marked unit {shards[path]} is missing; re-run the same "
+                             "`featcache extract` command to redo it")
 
     def iter_stored_unit(self, unit: int, names: list[str] | None = None
                          ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

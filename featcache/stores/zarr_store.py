@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import CacheError, ConfigError, UnknownNameError
 from ..manifest import RECORD_DTYPES, Manifest, check_manifest
-from ..storage import ObjectPath, RangeFile, disk_bytes, fsync_path, location, read_many, sync_path
+from ..storage import ObjectPath, RangeFile, disk_bytes, fsync_path, location, missing_files, read_many, sync_path
 from . import _units
 from .base import READERS, WRITERS, StoreReader, StoreWriter
 
@@ -379,10 +379,10 @@ class ZarrReader(StoreReader):
         m = self.manifest
         for name in m["arrays"]:
             arr = self._array_layout(name)
-            for unit in _units.completed(notes):
-                if arr.fast and not arr.shard_path(unit).is_file():
-                    raise CacheError(f"shard {arr.shard_path(unit)} of marked unit {unit} is missing; re-run the same "
-                                     "`featcache extract` command to redo it")
+            shards = {arr.shard_path(u): u for u in sorted(_units.completed(notes))} if arr.fast else {}
+            for path in missing_files(list(shards), self.path / name)[:1]:
+                raise CacheError(f"shard {path} of marked unit {shards[path]} is missing; re-run the same "
+                                 "`featcache extract` command to redo it")
         params = len(m["views"]["param_names"])
         for name, dtype in RECORD_DTYPES.items():
             self._array_meta(f"{RECORDS}/{name}", [m.num_rows, params] if name == "params" else [m.num_rows], dtype)

@@ -18,9 +18,10 @@ from .spec import SweepSpec
 
 def cache_status(path: str | Path) -> tuple[bool, Any]:
     """``(complete, manifest)`` of the cache at ``path``; ``(False, None)`` if there is none."""
+    from ..storage import location
     from ..stores import open_reader
 
-    if not Path(path).exists():
+    if not location(path, "cache").exists():  # a URL too (s3://...): an unknown scheme is refused here
         return False, None
     try:
         reader = open_reader(path, require_complete=False)
