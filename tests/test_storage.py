@@ -61,6 +61,8 @@ def test_hdf5_and_the_run_directory_must_be_local():
         TrainConfig(cache="s3://bucket/c", out="s3://bucket/run").validate()
     with pytest.raises(ConfigError, match="cache layer .* is for reading"):
         ExtractConfig(data="d", out="simplecache::s3://bucket/c").validate()
+    with pytest.raises(ConfigError, match="cache layer .* is for reading"):
+        create_writer("simplecache::memory://c", toy_manifest("zarr"), format="zarr")
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])

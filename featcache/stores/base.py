@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import CacheError
 from ..manifest import Manifest
 from ..registry import Registry
-from ..storage import ObjectPath, location, rmtree
+from ..storage import ObjectPath, ensure_writable, location, rmtree
 from . import _units
 from .encodings import Encoding, encoding, stored_names
 
@@ -52,6 +52,7 @@ class StoreWriter(ABC):
                 differs from ``manifest`` (the message names the differing keys; ``overwrite=True`` starts afresh).
         """
         self.path: Path | ObjectPath = location(path)
+        ensure_writable(self.path)
         self._trusted: set[int] = set()  # units this writer wrote or read back and checked
         self.redone: dict[int, str] = {}  # units un-marked because they could not be trusted -> why
         wanted = self._new_manifest(Manifest(manifest)).sealed()
