@@ -120,3 +120,26 @@ def test_sigkilled_remote_extraction_resumes_to_the_same_bytes(s3, data, tmp_pat
         location(url).rmtree()
     assert killed >= 1, "neither run was killed before it finished"
     shutil.rmtree(ref)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_a_remote_wds_cache_with_equal_steps(s3, data, tmp_path):
+    """torchrun, 2 CPU processes (gloo), each streaming its own half of the shards from S3: the same number of steps
+    on both (a rank with more batches would hang the other in its all-reduce)."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"s3://{BUCKET}/ddp/wds"
+    cli("extract", "--data", str(data), "--out", url, "--format", "wds", *EXTRACT)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")  # the S3 endpoint: the fixture's
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "featcache.cli", "train",
+           "--cache", url, "--out", str(out), "--method", "kd", "--epochs", "2", "--batch-size", "2", "--workers", "0",
+           "--log-every", "1", "--student", STUDENT["student"], "--student-kwargs", '{"depth": 2}']
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streamed" in done.stdout + done.stderr
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # 6 samples / 2 processes = 3 items per rank per epoch -> ceil(3 / 2) = 2 batches per rank
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
