@@ -38,9 +38,12 @@ from .errors import ConfigError
 
 def epoch_order(units_of_items: np.ndarray, num_units: int, seed: int, epoch: int) -> np.ndarray:
     """Items in stream order for ``epoch``: shards in a seeded order, each shard's items in a seeded order."""
+    by_unit = np.argsort(units_of_items, kind="stable")  # items grouped by shard, in item order within each
+    counts = np.bincount(units_of_items, minlength=num_units)
+    starts = np.cumsum(counts) - counts
     order = []
     for unit in np.random.default_rng([seed, epoch]).permutation(num_units):
-        items = np.flatnonzero(units_of_items == unit)
+        items = by_unit[starts[unit]:starts[unit] + counts[unit]]
         order.append(items[np.random.default_rng([seed, epoch, int(unit)]).permutation(len(items))])
     return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
 
