@@ -143,3 +143,30 @@ def test_two_processes_stream_a_remote_wds_cache_with_equal_steps(s3, data, tmp_
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # 6 samples / 2 processes = 3 items per rank per epoch -> ceil(3 / 2) = 2 batches per rank
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_two_processes_extract_to_s3_the_bytes_of_one(s3, data, tmp_path, fmt="zarr"):
+    """torchrun, 2 CPU processes (gloo), one S3 cache: the objects equal a 1-process local extraction's files (wds:
+    the same code path; its 2-process run is tested on local disk in test_extract_multiprocess.py)."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"s3://{BUCKET}/mp/{fmt}"
+    cli("extract", "--data", str(data), "--out", str(tmp_path / "ref"), "--format", fmt, *EXTRACT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the S3 endpoint: the fixture's
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "featcache.cli", "extract", "--data", str(data),
+           "--out", url, "--format", fmt, *EXTRACT]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert object_bytes(url) == local_files(tmp_path / "ref")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
