@@ -84,7 +84,7 @@ def train_students(cfg: DemoConfig, out: Path, label: str, cache: Path, seeds: l
             "out": str(out / "runs" / label.replace(":", "_"))}
     result = run_sweep(SweepSpec.from_dict(spec), jobs=jobs, report=False, log=lambda s: None)
     top1: dict[str, list[float]] = {m: [] for m in METHODS}
-    for name in result["runs"]:
+    for name in sorted(result["runs"], key=lambda n: int(n.rpartition("seed=")[2])):  # seed order: pairs line up
         row = summarize_run(Path(spec["out"]) / name).row
         top1[name.split(",")[0]].append(row["top1"])
     return top1
