@@ -3,9 +3,10 @@ online baseline, on the digits teacher of ``featcache demo``, with and without t
 
 The teacher is trained on every train image (as the demo trains it). For each recipe it then runs once over 16 views
 of ``--shots`` images per class (one ``featcache sweep`` per recipe: one cache, then every run from it). A run
-"from K views" reads only the first K stored views of each sample (``--max-views K``): since views are f(seed, sample, view), those are the views a K-view extraction writes. The
-baseline is ``--online-teacher --fresh-views``: new views every epoch from (seed, epoch, sample), the teacher run on
-each batch. Every run has the same student, epochs, schedule and seed; KD and ViTKD+NKD use the demo's settings.
+"from K views" reads only the first K stored views of each sample (``--max-views K``): since views are
+f(seed, sample, view), those are the views a K-view extraction writes. The baseline is ``--online-teacher
+--fresh-views``: new views every epoch from (seed, epoch, sample), the teacher run on each batch. Every run has the
+same student, epochs and schedule, for each of ``--seeds``; KD and ViTKD+NKD use the demo's settings.
 The recipes:
 
 * ``plain``: the demo's views (RandomResizedCrop scale 0.35-1, no flip: digits are not mirror-symmetric);
@@ -14,7 +15,7 @@ The recipes:
 Writes ``views_study.md`` (the table), ``views_study.csv`` and ``views_study.png`` (top-1 against K, one panel per
 recipe and method, the fresh-view online run as a horizontal line) into ``--out``. Run from the repository root::
 
-    python benchmarks/views_study.py --out /tmp/views_study --shots 50 --epochs 8 --batch-size 32 --jobs 2
+    python benchmarks/views_study.py --out /tmp/views_study --shots 50 --epochs 25 --seeds 0,1,2 --jobs 2
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=50, help="train images per class the students see [50 of ~144]")
     p.add_argument("--epochs", type=int, default=8, help="student epochs of every run")
     p.add_argument("--batch-size", type=int, default=32, help="student batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the students' init, batch order, masks and fresh "
-                   "views (the cached views keep the demo's seed)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the students' init, batch order, masks and "
+                   "fresh views; every cell reports their mean and range (the cached views keep the demo's seed)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--label-shots", type=int, default=None, help="labels per class [all]")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
@@ -62,27 +63,48 @@ def study_runs(demo: DemoConfig) -> list[dict[str, Any]]:
     return runs
 
 
-def study_spec(demo: DemoConfig, out: Path, recipe: str, args: argparse.Namespace) -> SweepSpec:
+def study_spec(demo: DemoConfig, out: Path, recipe: str, seed: int, args: argparse.Namespace) -> SweepSpec:
     """The demo's extraction (16 views of ``--shots`` images per class, plus the recipe's view flags) and student
-    settings, with the study's runs."""
+    settings, with the study's runs for one student seed (one cache per recipe, whatever the seed)."""
     spec = demo_spec(demo, out, out / "teacher.safetensors")
     extract = {**spec.extract, **RECIPES[recipe], "views": max(VIEWS), "shots": args.shots,
                "out": str(out / f"cache_{recipe}")}
     base = {**spec.base, "epochs": args.epochs, "batch_size": args.batch_size, "label_shots": args.label_shots,
-            "seed": args.seed}
+            "seed": seed}
     return SweepSpec.from_dict({"cache": extract["out"], "extract": extract, "base": base,
-                                "runs": study_runs(demo), "out": str(out / f"runs_{recipe}")})
+                                "runs": study_runs(demo), "out": str(runs_dir(out, recipe, seed))})
 
 
-def collect(out: Path, recipes: list[str]) -> list[dict[str, Any]]:
-    """One row per run: recipe, method, K (None for the fresh-view run), final and best top-1, train seconds."""
+def runs_dir(out: Path, recipe: str, seed: int) -> Path:
+    return out / f"runs_{recipe}" / f"seed{seed}"
+
+
+def collect(out: Path, recipes: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """One row per run: recipe, method, K (None for the fresh-view run), seed, final and best top-1, train seconds."""
     rows = []
     for recipe in recipes:
-        for run in study_runs(DemoConfig()):
-            final = json.loads((out / f"runs_{recipe}" / run["name"] / "final.json").read_text())
-            rows.append({"recipe": recipe, "method": run["method"], "views": run.get("max_views"),
-                         "top1": final["top1"], "best_top1": final["best_top1"], "train_s": final["train_time_s"]})
+        for seed in seeds:
+            for run in study_runs(DemoConfig()):
+                final = json.loads((runs_dir(out, recipe, seed) / run["name"] / "final.json").read_text())
+                rows.append({"recipe": recipe, "method": run["method"], "views": run.get("max_views"), "seed": seed,
+                             "top1": final["top1"], "best_top1": final["best_top1"],
+                             "train_s": final["train_time_s"]})
     return rows
+
+
+def cells(rows: list[dict[str, Any]], recipe: str, method: str) -> dict[int | None, list[float]]:
+    """K (None: fresh views online) -> top-1 of every seed, for one panel."""
+    out: dict[int | None, list[float]] = {}
+    for r in rows:
+        if r["recipe"] == recipe and r["method"] == method:
+            out.setdefault(r["views"], []).append(r["top1"])
+    return out
+
+
+def cell_text(values: list[float]) -> str:
+    """``mean`` for one seed, ``mean (min-max)`` for several."""
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -91,8 +113,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 2 + "---:|" * (len(VIEWS) + 1)]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         for method in METHODS:
-            cells = {r["views"]: r["top1"] for r in rows if r["recipe"] == recipe and r["method"] == method}
-            lines.append(f"| {recipe} | {method} | " + " | ".join(f"{cells[k]:.2f}" for k in (*VIEWS, None)) + " |")
+            panel = cells(rows, recipe, method)
+            lines.append(f"| {recipe} | {method} | " + " | ".join(cell_text(panel[k]) for k in (*VIEWS, None)) + " |")
     return "\n".join(lines)
 
 
@@ -108,10 +130,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                              squeeze=False, sharey=True)
     for i, recipe in enumerate(recipes):
         for j, method in enumerate(METHODS):
-            ax, sel = axes[i][j], [r for r in rows if r["recipe"] == recipe and r["method"] == method]
-            cached = sorted((r["views"], r["top1"]) for r in sel if r["views"] is not None)
-            ax.plot(*zip(*cached), "o-", label="from K cached views")
-            ax.axhline(next(r["top1"] for r in sel if r["views"] is None), ls="--", c="k", label="fresh views, online")
+            ax, panel = axes[i][j], cells(rows, recipe, method)
+            mean = [sum(panel[k]) / len(panel[k]) for k in VIEWS]
+            spread = [[m - min(panel[k]) for m, k in zip(mean, VIEWS)],
+                      [max(panel[k]) - m for m, k in zip(mean, VIEWS)]]
+            ax.errorbar(VIEWS, mean, yerr=spread, fmt="o-", capsize=3, label="from K cached views (mean, min-max)")
+            fresh = panel[None]
+            ax.axhline(sum(fresh) / len(fresh), ls="--", c="k", label="fresh views, online (mean)")
+            if len(fresh) > 1:
+                ax.axhspan(min(fresh), max(fresh), color="k", alpha=0.08)
             ax.set(xscale="log", xticks=list(VIEWS), xticklabels=[str(k) for k in VIEWS], title=f"{recipe}: {method}",
                    xlabel="K (stored views per image)", ylabel="test top-1 (%)")
             ax.legend(fontsize=8)
@@ -137,13 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     info = write_digits(out / "digits", demo.img_size, demo.test_fraction, demo.seed, demo.max_train)
     teacher = ensure_teacher(demo, out / "digits", out)
     recipes = [r for r in args.recipes.split(",") if r]
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     for recipe in recipes:
-        run_sweep(study_spec(demo, out, recipe, args), jobs=args.jobs, report=False)
-    rows = collect(out, recipes)
+        for seed in seeds:
+            run_sweep(study_spec(demo, out, recipe, seed, args), jobs=args.jobs, report=False)
+    rows = collect(out, recipes, seeds)
     seconds = time.perf_counter() - start
     print(f"digits: {info['train']} train / {info['test']} test; teacher {teacher['test_top1']:.1f} % test top-1 "
           f"(trained on all train images); students: {args.shots} images per class, {args.epochs} epochs, batch "
-          f"{args.batch_size}, labels per class: {args.label_shots or 'all'}")
+          f"{args.batch_size}, labels per class: {args.label_shots or 'all'}, seeds {seeds}")
     print(write_outputs(out, rows, seconds))
     print(f"wall clock {seconds:.0f} s; table, CSV and plot in {out}")
 
