@@ -19,6 +19,7 @@ import numpy as np
 from .storage import disk_bytes
 from .manifest import Manifest
 from .stores import StoreReader, open_reader
+from .stores.codecs import lossless_label
 from .stores.encodings import encoding, stored_names
 
 
@@ -183,8 +184,7 @@ def format_report(report: dict[str, dict[str, Any]]) -> str:
     """Plain-text table of :func:`codec_report` (one line per target)."""
     lines = [f"{'target':<12} {'encoding':<22} {'compressor':<26} {'bytes/view':>11} {'vs fp16':>8}  error"]
     for name, r in report.items():
-        comp = next(iter(r["arrays"].values()))["compressor"] or {"name": "none"}
-        comp_s = ":".join(str(v) for v in comp.values())
+        comp_s = lossless_label(next(iter(r["arrays"].values()))["compressor"])
         lines.append(f"{name:<12} {encoding(r['encoding']).label():<22} {comp_s:<26} {r['bytes_per_view']:>11.0f} "
                      f"{r['ratio_to_fp16']:>8.3f}  {_error_label(r['measured_error'])}")
     return "\n".join(lines)

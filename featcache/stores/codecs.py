@@ -38,6 +38,16 @@ def parse_lossless(part: str) -> dict[str, Any]:
     raise ConfigError(f"bad lossless codec {part!r}; use {LOSSLESS_FORMS}")
 
 
+def lossless_label(spec: Mapping[str, Any] | None) -> str:
+    """The ``--codec`` part that :func:`parse_lossless` turns into ``spec`` (``blosc-zstd:5:bitshuffle``)."""
+    spec = spec or NONE
+    if spec["name"] == "zstd":
+        return f"zstd:{spec['level']}"
+    if spec["name"] == "blosc":
+        return f"blosc-{spec['cname']}:{spec['clevel']}:{spec['shuffle']}"
+    return str(spec["name"])
+
+
 def _parse_blosc(args: list[str]) -> dict[str, Any]:
     # Level and shuffle may come in either order: blosc-zstd:bitshuffle and blosc-zstd:3:bitshuffle are both fine.
     level = next((int(a) for a in args if a.lstrip("-").isdigit()), 5)

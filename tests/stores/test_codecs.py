@@ -31,3 +31,10 @@ def test_no_compressor_and_unknown_compressor():
     assert C.numcodecs_compressor({"name": "none"}) is None and C.numcodecs_compressor(None) is None
     with pytest.raises(ConfigError, match="unknown compressor"):
         C.numcodecs_compressor({"name": "lz4"})
+
+
+@pytest.mark.parametrize("part", ["none", "zstd:5", "blosc-zstd:3:bitshuffle", "blosc-zstd:7:noshuffle"])
+def test_lossless_label_is_the_codec_part_that_parses_back(part):
+    spec = C.parse_lossless(part)
+    assert C.lossless_label(spec) == part
+    assert C.parse_lossless(C.lossless_label(spec)) == spec
