@@ -58,7 +58,9 @@ FLOAT_DTYPES = "featcache.stores.precision:DTYPES"
 class ExtractConfig:
     """Stage 1: which teacher, which data, which views, where and how to store."""
 
-    data: str = setting("", "Images: an ImageFolder tree (root/<class>/<image>) or WebDataset shards.")
+    data: str = setting("", "Images: an ImageFolder tree (root/<class>/<image>), WebDataset shards (a directory, a "
+                            "brace pattern, or URLs: pipe:CMD, http(s)://, s3://, gs://), or a Hugging Face dataset "
+                            "(a save_to_disk directory, parquet files).")
     out: str = setting("", "The cache to write (a Zarr directory for --format zarr).")
     teacher: str = setting("deit3_small", "Alias (see `featcache teachers`) or any timm model name[.tag].")
     pretrained: bool = setting(True, "Load timm's pretrained weights (offline hub cache works); --no-pretrained: "
@@ -70,6 +72,10 @@ class ExtractConfig:
     teacher_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 4}\'.')
     layers: list[int] = setting([0, 1, -1], "Teacher blocks to cache (negative: from the end).")
     data_format: str | None = setting(None, "Source kind [detect].", choices="featcache.sources:KINDS")
+    data_image_column: str = setting("image", "Image column of a Hugging Face dataset (an Image feature or bytes).")
+    data_label_column: str = setting("label", "Label column of a Hugging Face dataset (ClassLabel or integers).")
+    data_stage_dir: str | None = setting(None, "Local directory that shards named by URL are copied to before "
+                                               "extraction [<--out>.shards beside a local cache].")
     shots: int | None = setting(None, "Images per class (seeded subset) [all].")
     fraction: float | None = setting(None, "Fraction of each class instead of --shots.")
     subset_seed: int = setting(0, "Seed of the subset draw.")

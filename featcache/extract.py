@@ -233,9 +233,18 @@ def write_unit(writer: StoreWriter, manifest: Manifest, unit: int, cols: dict[st
     writer.write_unit(unit, encode_with(targets, manifest), records, skipped=cols["skipped"])
 
 
+def stage_dir(cfg: ExtractConfig) -> str | None:
+    """Where shards named by URL are copied: ``--data-stage-dir``, else ``<out>.shards`` beside a local cache."""
+    if cfg.data_stage_dir:
+        return cfg.data_stage_dir
+    out = storage.location(cfg.out, "--out")
+    return None if isinstance(out, storage.ObjectPath) else f"{os.path.abspath(out)}.shards"
+
+
 def prepare(cfg: ExtractConfig, device: torch.device) -> tuple[Teacher, ImageSource, Manifest]:
     """Load the data and the teacher; build the manifest this run would write."""
-    source = open_source(cfg.data, cfg.data_format)
+    source = open_source(cfg.data, cfg.data_format, stage_dir=stage_dir(cfg), image_column=cfg.data_image_column,
+                         label_column=cfg.data_label_column)
     indices = select_subset(source.items, cfg.shots, cfg.fraction, cfg.subset_seed)
     teacher = load_teacher(cfg.teacher, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=cfg.img_size,
                            num_classes=cfg.num_classes, device=device, autocast=None if cfg.autocast == "none"

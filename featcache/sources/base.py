@@ -6,18 +6,21 @@ import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from ..errors import CacheError, ConfigError, DecodeError
 from ..manifest import safe_relpath
+from ..registry import Registry
 from .decode import decode_image
 from .tars import index_shard
 
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS), matched in any case.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-KINDS = ("folder", "wds")
+KINDS = ("folder", "wds", "hf")
+#: kind -> ``read(source, relpath) -> bytes``: how an item's encoded bytes are read (``hf`` registers in hf.py).
+READERS: Registry[Callable[["ImageSource", str], bytes]] = Registry("data kind")
 
 log = logging.getLogger("featcache.sources")
 
@@ -62,26 +65,34 @@ def report_ignored(where: str, ignored: Sequence[tuple[str, str]]) -> None:
         log.warning("featcache: ignored %d under %s (%s): %s%s", len(paths), where, reason, ", ".join(paths[:3]), more)
 
 
+def split_item_relpath(relpath: str, what: str = "WebDataset", expected: str = "<shard.tar>#<member>"
+                       ) -> tuple[str, str]:
+    """``<file>#<part>`` split in two, each part checked to stay inside the root."""
+    file, sep, part = relpath.partition("#")
+    if not sep or not part:
+        raise CacheError(f"bad {what} item {relpath!r}: expected '{expected}'")
+    return safe_relpath(file), safe_relpath(part)
+
+
 def split_wds_relpath(relpath: str) -> tuple[str, str]:
-    shard, sep, member = relpath.partition("#")
-    if not sep or not member:
-        raise CacheError(f"bad WebDataset item {relpath!r}: expected '<shard.tar>#<member>'")
-    return safe_relpath(shard), safe_relpath(member)
+    return split_item_relpath(relpath)
 
 
 class ImageSource:
     """Images + labels under one root. Picklable; files are opened only in `load`.
 
     Attributes:
-        kind: ``folder`` or ``wds``.
+        kind: ``folder``, ``wds`` or ``hf``.
         root: the directory relpaths are relative to.
         classes: class names; ``classes[label]`` names a label.
         items: the images, in sample order.
         ignored: ``(path, reason)`` of every entry discovery did not use (empty for a source read from a manifest).
+        recorded: what the manifest's ``data`` section keeps beside the file list so that stage 2 reads and checks
+            the same images (``hf``: columns and files; ``staged``: the shard URLs and SHA-256 of their copies).
     """
 
     def __init__(self, kind: str, root: str | os.PathLike, classes: Sequence[str], items: Sequence[SourceItem],
-                 ignored: Sequence[tuple[str, str]] = ()):
+                 ignored: Sequence[tuple[str, str]] = (), recorded: Mapping[str, Any] | None = None):
         if kind not in KINDS:
             raise ConfigError(f"unknown data kind {kind!r}; known: {list(KINDS)}")
         self.kind = kind
@@ -89,7 +100,9 @@ class ImageSource:
         self.classes = list(classes)
         self.items = list(items)
         self.ignored = list(ignored)
-        self._index: dict[str, dict[str, tuple[int, int]]] = {}  # wds: shard -> member -> (offset, size)
+        self.recorded = dict(recorded or {})
+        # Per-process handles, never shipped to workers: wds shard -> member -> (offset, size); hf file -> reader.
+        self._index: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -98,7 +111,7 @@ class ImageSource:
         return f"ImageSource(kind={self.kind!r}, root={self.root!r}, classes={len(self.classes)}, items={len(self)})"
 
     def __getstate__(self) -> dict[str, Any]:
-        # The wds offset index is per process (rebuilt lazily from tar headers), never shipped to workers.
+        # Handles are per process (the wds index rebuilt lazily from tar headers, hf files re-opened), never shipped.
         state = self.__dict__.copy()
         state["_index"] = {}
         return state
@@ -117,21 +130,7 @@ class ImageSource:
         Raises:
             DecodeError: a folder file that resolves outside the root, or a shard member cut short.
         """
-        relpath = self.items[i].relpath
-        if self.kind == "folder":
-            with open(self._resolve_inside(relpath), "rb") as fh:
-                return fh.read()
-        shard, member = split_wds_relpath(relpath)
-        entry = self._member_index(shard).get(member)
-        if entry is None:
-            raise CacheError(f"member {member!r} not found in shard {os.path.join(self.root, shard)}; the shards "
-                             "changed since the cache was made")
-        with open(os.path.join(self.root, shard), "rb") as fh:
-            fh.seek(entry[0])
-            data = fh.read(entry[1])
-        if len(data) != entry[1]:
-            raise DecodeError(self.path_of(i), f"the shard ends {entry[1] - len(data)} bytes into this member", relpath)
-        return data
+        return READERS.get(self.kind)(self, self.items[i].relpath)
 
     def load(self, i: int) -> torch.Tensor:
         """Decoded RGB uint8 [3, H, W] of item ``i``.
@@ -147,7 +146,7 @@ class ImageSource:
 
     def subset(self, indices: Iterable[int]) -> "ImageSource":
         """A source holding ``items[i] for i in indices`` (shares this process's wds index)."""
-        out = ImageSource(self.kind, self.root, self.classes, [self.items[i] for i in indices])
+        out = ImageSource(self.kind, self.root, self.classes, [self.items[i] for i in indices], recorded=self.recorded)
         out._index = self._index
         return out
 
@@ -165,3 +164,26 @@ class ImageSource:
         if shard not in self._index:
             self._index[shard] = index_shard(os.path.join(self.root, shard))
         return self._index[shard]
+
+
+@READERS.register("folder")
+def read_folder_item(source: ImageSource, relpath: str) -> bytes:
+    with open(source._resolve_inside(relpath), "rb") as fh:
+        return fh.read()
+
+
+@READERS.register("wds")
+def read_wds_item(source: ImageSource, relpath: str) -> bytes:
+    """A shard member's bytes at the offset its tar header gives."""
+    shard, member = split_wds_relpath(relpath)
+    entry = source._member_index(shard).get(member)
+    if entry is None:
+        raise CacheError(f"member {member!r} not found in shard {os.path.join(source.root, shard)}; the shards "
+                         "changed since the cache was made")
+    with open(os.path.join(source.root, shard), "rb") as fh:
+        fh.seek(entry[0])
+        data = fh.read(entry[1])
+    if len(data) != entry[1]:
+        raise DecodeError(os.path.join(source.root, relpath), f"the shard ends {entry[1] - len(data)} bytes into "
+                          "this member", relpath)
+    return data

@@ -7,7 +7,12 @@ from typing import Any, Mapping, Sequence
 from ..errors import CacheError, MissingFileError
 from ..manifest import safe_relpath
 from .base import ImageSource, SourceItem, split_wds_relpath
+from .hf import check_unchanged
 from .subsets import file_list_sha256
+from .urls import check_staged, is_url_spec
+
+#: Sections of ``data`` a source may add (``ImageSource.recorded``): hf columns and files, staged shard copies.
+RECORDED_KEYS = ("hf", "staged")
 
 
 def source_manifest_entry(source: ImageSource, subset_indices: Sequence[int] | None = None) -> dict[str, Any]:
@@ -17,7 +22,8 @@ def source_manifest_entry(source: ImageSource, subset_indices: Sequence[int] | N
     """
     chosen = source.items if subset_indices is None else [source.items[i] for i in subset_indices]
     return {"kind": source.kind, "root": source.root, "classes": list(source.classes), "num_files": len(source),
-            "sources": [[it.relpath, int(it.label)] for it in chosen], "file_list_sha256": file_list_sha256(chosen)}
+            "sources": [[it.relpath, int(it.label)] for it in chosen], "file_list_sha256": file_list_sha256(chosen),
+            **{k: source.recorded[k] for k in RECORDED_KEYS if k in source.recorded}}
 
 
 def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | None = None) -> ImageSource:
@@ -25,13 +31,16 @@ def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | 
 
     Args:
         manifest: a cache manifest (its ``data`` section is used).
-        root: where the dataset lives now, if it moved since extraction; default the recorded root.
+        root: where the dataset lives now, if it moved since extraction; default the recorded root. For shards
+            staged from URLs, the URL spec typed again stages them anew into the recorded directory.
 
     Raises:
         CacheError: on unsafe paths or a file list that does not match its recorded hash.
+        SourceError: when the dataset files or staged shards changed since extraction.
     """
     data = manifest["data"]
-    root = str(root) if root is not None else str(data["root"])
+    spec = str(root) if root is not None and "staged" in data and is_url_spec(str(root)) else None
+    root = str(data["root"]) if root is None or spec is not None else str(root)
     items = [SourceItem(safe_relpath(str(rel)), int(label)) for rel, label in data["sources"]]
     if data["kind"] == "wds":
         for it in items:
@@ -40,7 +49,14 @@ def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | 
     if digest != data.get("file_list_sha256"):
         raise CacheError(f"the cache's file list does not match its recorded hash ({digest} != "
                          f"{data.get('file_list_sha256')}); the manifest is corrupt")
-    if not os.path.isdir(root):
+    if spec is None and not os.path.isdir(root):
         raise MissingFileError(f"dataset root {root!r} recorded in the cache does not exist; point at the images "
-                               "with --data DIR")
-    return ImageSource(str(data["kind"]), root, data["classes"], items)
+                               "with --data " + ("SPEC (the shards' URL spec, to stage them again) or DIR"
+                                                 if "staged" in data else "DIR"))
+    source = ImageSource(str(data["kind"]), root, data["classes"], items,
+                         recorded={k: data[k] for k in RECORDED_KEYS if k in data})
+    if "staged" in data:
+        check_staged(source, spec)
+    if data["kind"] == "hf":
+        check_unchanged(source)
+    return source

@@ -57,3 +57,34 @@ def cli_extract_tiny_vit(root: Path, layers: str = "-1", classes: int = 3) -> tu
         "--layers", layers, "--views", "2", "--workers", "0", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     return data, cache
+
+
+def tiny_extract_args(classes: int = 3) -> list[str]:
+    """`featcache extract` options of a random-init 4-block, width-48 ViT teacher at 32 px, 2 views, on CPU."""
+    import json
+
+    return ["--teacher", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--num-classes", str(classes),
+            "--teacher-kwargs", json.dumps(TINY_VIT_TEACHER), "--layers", "-1", "--views", "2", "--shard-size", "4",
+            "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+
+
+def cli_ok(*args: str) -> str:
+    """Run the CLI in this process; its output, after checking that it exited 0."""
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def cli_train_steps(cache: Path, out: Path, *flags: str) -> int:
+    """`featcache train` (KD, the small student, one epoch, 1 DataLoader worker) on ``cache``; the steps it ran."""
+    import json
+
+    reset_accelerate()
+    cli_ok("train", "--cache", cache, "--out", out, "--method", "kd", "--epochs", "1", "--batch-size", "4",
+           "--workers", "1", "--student", STUDENT["student"], "--student-kwargs",
+           json.dumps(STUDENT["student_kwargs"]), *flags)
+    return json.loads((out / "final.json").read_text())["steps"]
