@@ -50,9 +50,12 @@ def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | 
         raise CacheError(f"the cache's file list does not match its recorded hash ({digest} != "
                          f"{data.get('file_list_sha256')}); the manifest is corrupt")
     if spec is None and not os.path.isdir(root):
+        if "staged" in data:
+            raise MissingFileError(f"the directory {root!r} the shards were staged in does not exist; pass the "
+                                   "shards' URL spec again with --data (they are staged anew and checked), or --data "
+                                   "DIR where the staged copies are now")
         raise MissingFileError(f"dataset root {root!r} recorded in the cache does not exist; point at the images "
-                               "with --data " + ("SPEC (the shards' URL spec, to stage them again) or DIR"
-                                                 if "staged" in data else "DIR"))
+                               "with --data DIR")
     source = ImageSource(str(data["kind"]), root, data["classes"], items,
                          recorded={k: data[k] for k in RECORDED_KEYS if k in data})
     if "staged" in data:

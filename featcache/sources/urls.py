@@ -41,21 +41,13 @@ from ..errors import ConfigError, MissingFileError, SourceError
 from ..manifest import safe_relpath
 from .base import ImageSource
 from .tars import COMPRESSED_SUFFIXES, compression_of
-from .wds import scan_wds
+from .wds import expand_spec, scan_wds
 
 #: URL schemes a shard may be fetched from -> the module fsspec needs for it.
 URL_SCHEMES = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs"}
 SUPPORTED = "pipe:CMD, " + ", ".join(f"{s}://" for s in URL_SCHEMES) + ", file:// or a local path"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 CHUNK = 1 << 20
-
-
-def expand(spec: str | os.PathLike | Sequence[str]) -> list[str]:
-    """The entries of a spec: each string brace-expanded, in order."""
-    import braceexpand  # a webdataset dependency
-
-    specs = [str(s) for s in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
-    return [entry for s in specs for entry in braceexpand.braceexpand(s)]
 
 
 def is_remote(entry: str) -> bool:
@@ -67,7 +59,7 @@ def is_remote(entry: str) -> bool:
 def is_url_spec(spec: str | os.PathLike | Sequence[str]) -> bool:
     if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec):
         return False
-    return any(is_remote(e) for e in expand(spec))
+    return any(is_remote(e) for e in expand_spec(spec))
 
 
 def check_entry(entry: str) -> None:
@@ -139,7 +131,7 @@ def check_name(name: str) -> str:
 
 def plan(spec: str | os.PathLike | Sequence[str]) -> list[tuple[str, str]]:
     """``(entry, staged name)`` of every entry, checked before anything is fetched."""
-    entries = expand(spec)
+    entries = expand_spec(spec)
     for entry in entries:
         check_entry(entry)
     named = [(entry, staged_name(entry)) for entry in entries]
@@ -176,8 +168,10 @@ def _fetch(entry: str, dst, h, bar) -> int:
         return _run_pipe(entry, dst, h, bar)
     import fsspec
 
+    # http(s) is streamed (block_size=0): a plain server need not answer the range requests of fsspec's file.
+    options = {"block_size": 0} if entry.lower().startswith(("http://", "https://")) else {}
     try:
-        with fsspec.open(entry, "rb") as src:
+        with fsspec.open(entry, "rb", **options) as src:
             return _copy_stream(src, dst, h, bar)
     except OSError as err:
         raise SourceError(f"cannot fetch shard {entry}: {type(err).__name__}: {err}") from None

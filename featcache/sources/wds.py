@@ -8,7 +8,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..errors import MissingFileError, SourceError
+from ..errors import ConfigError, MissingFileError, SourceError
 from ..manifest import safe_relpath
 from .base import IMG_EXTENSIONS, ImageSource, SourceItem, report_ignored
 from .tars import compressed_refusal, compression_of, read_members
@@ -35,9 +35,7 @@ def shard_paths(path: str | os.PathLike | Sequence[str]) -> tuple[list[str], lis
     elif os.path.isdir(path):
         paths, ignored = _directory_shards(str(path))
     else:
-        import braceexpand  # a webdataset dependency
-
-        paths = list(braceexpand.braceexpand(str(path)))
+        paths = expand_spec(path)
     paths = [os.path.abspath(p) for p in paths]
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or missing:
@@ -46,6 +44,22 @@ def shard_paths(path: str | os.PathLike | Sequence[str]) -> tuple[list[str], lis
         if kind := compression_of(p):
             raise compressed_refusal(p, kind)
     return paths, ignored
+
+
+def expand_spec(spec: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The entries of a shard spec: each string brace-expanded (webdataset's expansion), in order.
+
+    Raises:
+        ConfigError: for unbalanced braces.
+    """
+    import braceexpand  # a webdataset dependency
+
+    specs = [str(s) for s in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
+    try:
+        return [entry for s in specs for entry in braceexpand.braceexpand(s)]
+    except braceexpand.UnbalancedBracesError:
+        raise ConfigError(f"shard spec {spec!r} has unbalanced braces; write e.g. shards/train-{{000000..000099}}.tar"
+                          ) from None
 
 
 def _directory_shards(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
