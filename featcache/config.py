@@ -159,7 +159,8 @@ class TrainConfig:
     student_kwargs: dict[str, Any] = setting({}, 'Extra timm.create_model kwargs as JSON, e.g. \'{"depth": 6}\'.')
     img_size: int | None = setting(None, "Student input size; must equal the cache's [the cache's].")
     num_classes: int | None = setting(None, "Student classifier size [the teacher's].")
-    data: str | None = setting(None, "Where the source images live now [the root recorded in the cache].")
+    data: str | None = setting(None, "Where the source images live now [the root recorded in the cache]; for shards "
+                                     "staged from URLs, the URL spec again stages them anew (checked by SHA-256).")
     val: str | None = setting(None, "Held-out ImageFolder for top-1/top-5 after each epoch (resize + centre crop by "
                                     "the student's timm data config: crop_pct, interpolation, mean/std).")
     epochs: int = setting(10, "Epochs over the cached samples.")

@@ -400,6 +400,7 @@ def _extract_ranks(cfg: ExtractConfig, ranks: distributed.Ranks, progress: bool,
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
     ctx: dict[str, Any] = {}
     with distributed.group(ranks, cfg.dist_timeout) as group, ExitStack() as held:
+        group.step("staging the shards", lambda: _stage_as_rank(cfg, ranks))
         marked = group.step("opening the cache", lambda: _open_as_rank(cfg, ranks, device, ctx, held))[0]
         if marked is None:
             _say_complete(cfg, progress and ranks.main)
@@ -412,6 +413,15 @@ def _extract_ranks(cfg: ExtractConfig, ranks: distributed.Ranks, progress: bool,
         written = group.step("extracting", lambda: _share_as_rank(cfg, ranks, device, ctx, mine, progress))
         group.step("finalizing", lambda: _finish_as_rank(ranks, ctx["writer"], [*trusted, *written], max_units))
     return str(cfg.out)
+
+
+def _stage_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks) -> None:
+    """Rank 0 copies shards named by URL into the staging directory (each fetched once, not once per rank); the
+    others then find the copies there, checked by their hashes."""
+    from .sources.urls import is_url_spec, stage
+
+    if ranks.main and is_url_spec(cfg.data):
+        stage(cfg.data, stage_dir(cfg))
 
 
 def _open_as_rank(cfg: ExtractConfig, ranks: distributed.Ranks, device: torch.device, ctx: dict[str, Any],

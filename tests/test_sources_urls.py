@@ -146,3 +146,22 @@ def test_train_never_runs_the_recorded_command(shards, tmp_path):
     assert not marker.exists()  # neither run executed the command recorded in the manifest
     assert cli_train_steps(cache, tmp_path / "run3", "--data", spec) == 3  # typed by the user: staged anew
     assert marker.exists() and (stage / "shard-000000.tar").is_file()
+
+
+def test_only_rank_0_fetches_before_a_multi_process_extraction(shards, tmp_path):
+    from featcache.config import ExtractConfig
+    from featcache.distributed import Ranks
+    from featcache.extract import _stage_as_rank
+
+    log = tmp_path / "fetches"
+    cfg = ExtractConfig(data=f"pipe:echo x >> {log}; cat {shards}/{BRACE}", out=str(tmp_path / "c"))
+    _stage_as_rank(cfg, Ranks(1, 2, 1))
+    assert not log.exists()
+    _stage_as_rank(cfg, Ranks(0, 2, 0))
+    assert len(log.read_text().splitlines()) == 3 and len(list((tmp_path / "c.shards").glob("*.tar"))) == 3
+
+
+def test_a_remote_cache_needs_a_stage_dir(tmp_path):
+    out = one_line_failure("extract", "--data", "http://127.0.0.1:9/a.tar", "--out", "memory://bucket/c",
+                           *tiny_extract_args())
+    assert "pass --data-stage-dir DIR" in out, out

@@ -1,4 +1,5 @@
-"""Image sources (an ImageFolder tree or WebDataset image shards) and seeded few-shot subsets.
+"""Image sources (an ImageFolder tree, WebDataset image shards, local or by URL, or a Hugging Face dataset) and seeded
+few-shot subsets.
 
 An `ImageSource` is a list of `SourceItem` (relpath, label) under a root, plus a loader returning RGB
 uint8 [3, H, W] tensors. It is picklable and opens nothing until `load` is called, so DataLoader workers
@@ -22,6 +23,22 @@ the end-of-archive marker or a compressed shard (``.tar.gz``, or gzip bytes name
 the shard; link members and members that are neither an image nor a label are ignored and listed. webdataset's
 decoders are not used (they unpickle); members are decoded by Pillow like folder images.
 
+``wds`` by URL: a spec whose entries (after brace expansion) include ``pipe:CMD``, ``http(s)://``, ``s3://`` or
+``gs://`` shards is first staged: each shard is copied once into a local directory (``--data-stage-dir``, by
+default ``<out>.shards`` beside a local cache; temp file + rename, its SHA-256 kept beside it so a rerun skips it)
+and read there as local shards. The manifest records every shard's URL, staged name, size and SHA-256
+(``data.staged``). Stage 2 never runs a command or opens a URL from a manifest: it checks the staged copies'
+hashes, and when they are gone asks for the spec again (``--data SPEC``), which it stages anew. Other schemes are
+refused by name; a compressed shard URL is refused with the ``pipe:`` command that decompresses it while staging.
+
+``hf``: a Hugging Face ``datasets`` directory written by ``save_to_disk`` (one split: a DatasetDict root names its
+splits) or parquet files (a file, a glob, or a directory of ``*.parquet``), with an image column (the ``Image``
+feature's embedded bytes, or a binary column; ``--data-image-column``) and an integer label column (ClassLabel
+names become the classes; ``--data-label-column``). relpath = ``<file relative to root>#<row>``. The manifest
+records the columns and every file's size and row count (``data.hf``), checked when stage 2 re-opens the
+dataset. Rows are read with pyarrow: arrow files memory-mapped, parquet a row group at a time; nothing is
+unpickled, and ``datasets``' own image decoding (which opens paths named in the data) is not used.
+
 Decoding: 16-bit images (Pillow modes ``I;16*``, 16-bit PGM) are scaled to 8 bits as ``round(v * 255 / 65535)``;
 32-bit integer and float images, whose value range is unknown, are refused.
 """
@@ -30,10 +47,12 @@ from .base import IMG_EXTENSIONS, KINDS, ImageSource, SourceItem
 from .decode import decode_image
 from .discover import detect_kind, open_source
 from .folder import scan_folder
+from .hf import scan_hf
 from .recorded import source_from_manifest, source_manifest_entry
 from .subsets import file_list_sha256, select_subset
+from .urls import is_url_spec, scan_staged
 from .wds import scan_wds
 
 __all__ = ["IMG_EXTENSIONS", "KINDS", "ImageDecodeError", "ImageSource", "SourceItem", "decode_image", "detect_kind",
-           "file_list_sha256", "open_source", "scan_folder", "scan_wds", "select_subset", "source_from_manifest",
-           "source_manifest_entry"]
+           "file_list_sha256", "is_url_spec", "open_source", "scan_folder", "scan_hf", "scan_staged", "scan_wds",
+           "select_subset", "source_from_manifest", "source_manifest_entry"]

@@ -234,13 +234,16 @@ def stage_one(entry: str, name: str, stage_dir: Path, bar, expected: str | None 
     return record
 
 
-def stage(spec: str | os.PathLike | Sequence[str], stage_dir: str | os.PathLike,
+def stage(spec: str | os.PathLike | Sequence[str], stage_dir: str | os.PathLike | None,
           expected: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Stage every shard of ``spec`` into ``stage_dir``; one record per shard, in spec order.
 
     Args:
         expected: staged name -> SHA-256 the copy must have (stage 2 re-staging from a recorded cache).
     """
+    if not stage_dir:
+        raise ConfigError(f"--data {spec!r} names shards by URL, which are copied to a local directory first; "
+                          "pass --data-stage-dir DIR")
     named = [(e, n) for e, n in plan(spec) if expected is None or n in expected]
     stage_dir = Path(stage_dir).absolute()
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -250,12 +253,10 @@ def stage(spec: str | os.PathLike | Sequence[str], stage_dir: str | os.PathLike,
 
 def scan_staged(spec: str | os.PathLike | Sequence[str], stage_dir: str | os.PathLike | None) -> ImageSource:
     """Stage the shards of a URL spec and open the copies as a ``wds`` source that records them."""
-    if not stage_dir:
-        raise ConfigError(f"--data {spec!r} names shards by URL, which are copied to a local directory first; "
-                          "pass --data-stage-dir DIR")
     records = stage(spec, stage_dir)
-    source = scan_wds([os.path.join(os.path.abspath(stage_dir), r["shard"]) for r in records])
-    source.root = os.path.abspath(stage_dir)  # the staging directory, even when a spec names a single shard
+    root = os.path.abspath(stage_dir or "")
+    source = scan_wds([os.path.join(root, r["shard"]) for r in records])
+    source.root = root  # the staging directory, even when a spec names a single shard
     source.recorded["staged"] = records
     return source
 
