@@ -50,9 +50,11 @@ def one_line_failure(*args: str) -> str:
     return res.output
 
 
-@pytest.mark.parametrize("transport", ["pipe", "http", "s3"])
+@pytest.mark.parametrize("transport", ["pipe", "http", "s3", "file", "mixed"])
 def test_url_spec_is_staged_and_reads_like_the_local_shards(transport, shards, http, s3, tmp_path):
-    spec = {"pipe": f"pipe:cat {shards}/{BRACE}", "http": f"{http}/{BRACE}", "s3": f"{s3}/{BRACE}"}[transport]
+    spec = {"pipe": f"pipe:cat {shards}/{BRACE}", "http": f"{http}/{BRACE}", "s3": f"{s3}/{BRACE}",
+            "file": f"file://{shards}/{BRACE}", "mixed": [f"{shards}/shard-000000.tar", f"{http}/shard-000001.tar",
+                                                          f"pipe:cat {shards}/shard-000002.tar"]}[transport]
     assert detect_kind(spec) == "wds"
     source, local = open_source(spec, stage_dir=tmp_path / "stage"), open_source(shards)
     assert source.root == str(tmp_path / "stage") and source.items == local.items

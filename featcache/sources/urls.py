@@ -8,7 +8,7 @@ entries, each one of:
   is named after the last word of CMD that names a tar file (a compression suffix becomes ``.tar``);
 * ``http://``, ``https://``, ``s3://``, ``gs://``: read through fsspec (aiohttp, s3fs, gcsfs), named after the last
   part of the URL's path;
-* a local path or ``file://`` URL, copied like the others once a spec holds any remote entry.
+* a ``file://`` URL, or a local path once a spec holds any of the above, copied like the others.
 
 Any other scheme is refused, naming it. The members of a shard are read at their byte offsets (seeded views are
 replayed in any order), which a stream cannot serve, hence the local copy: each shard is written to
@@ -51,9 +51,9 @@ CHUNK = 1 << 20
 
 
 def is_remote(entry: str) -> bool:
-    """A ``pipe:`` command or a URL with a scheme other than ``file`` (unknown ones too, to be refused by name)."""
-    m = _SCHEME.match(entry)
-    return entry.startswith("pipe:") or (m is not None and m.group(1).lower() != "file")
+    """A ``pipe:`` command or a URL (``file://`` too, which the local reader does not take; unknown schemes too, to
+    be refused by name)."""
+    return entry.startswith("pipe:") or _SCHEME.match(entry) is not None
 
 
 def is_url_spec(spec: str | os.PathLike | Sequence[str]) -> bool:
@@ -197,16 +197,19 @@ def _sidecar(stage_dir: Path, name: str) -> Path:
     return stage_dir / f".{name}.sha256"
 
 
+def _noted_sha256(stage_dir: Path, name: str, entry: str) -> str | None:
+    """The SHA-256 the sidecar of a copy notes, if that copy was staged from ``entry``."""
+    try:
+        noted = json.loads(_sidecar(stage_dir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(noted["sha256"]) if isinstance(noted, dict) and noted.get("url") == entry and "sha256" in noted else None
+
+
 def already_staged(stage_dir: Path, name: str, entry: str, expected: str | None) -> dict[str, Any] | None:
     """The record of a copy staged earlier that still has its hash (``expected``, else the one its sidecar notes)."""
-    path, sidecar = stage_dir / name, _sidecar(stage_dir, name)
-    if not path.is_file() or not sidecar.is_file():
-        return None
-    try:
-        noted = json.loads(sidecar.read_text())
-    except ValueError:
-        return None
-    want = expected or (noted.get("sha256") if noted.get("url") == entry else None)
+    path = stage_dir / name
+    want = (expected or _noted_sha256(stage_dir, name, entry)) if path.is_file() else None
     if not want or sha256_file(path) != want:
         return None
     return {"url": entry, "shard": name, "size": path.stat().st_size, "sha256": want}
