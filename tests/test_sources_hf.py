@@ -2,6 +2,7 @@
 and trained on; a changed dataset is refused at train time with the fix named."""
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli import main
-from featcache.errors import ConfigError, DecodeError, SourceError
+from featcache.errors import CacheError, ConfigError, DecodeError, SourceError
 from featcache.sources import detect_kind, open_source, source_from_manifest, source_manifest_entry
 from featcache.sources.decode import decode_image
+from featcache.sources.hf import entries_sha256
 from featcache.stores import open_reader
 from featcache.testing.caches import cli_ok, cli_train_steps, tiny_extract_args
 from featcache.testing.hf import make_hf_dataset, png_samples, save_hf_dataset, save_parquet
@@ -87,6 +89,13 @@ def test_manifest_entry_round_trip_and_changed_dataset(tmp_path):
     manifest = {"data": source_manifest_entry(open_source(root))}
     assert [f[0] for f in manifest["data"]["hf"]["files"]] == ["part-0.parquet", "part-1.parquet"]
     np.testing.assert_array_equal(source_from_manifest(manifest).load(8).numpy(), expected_pixels(8))
+    for tamper in ("files", "sources"):
+        bad = copy.deepcopy(manifest)
+        bad["data"]["hf"]["files"][0][0] = "../part-0.parquet" if tamper == "files" else "part-0.parquet"
+        bad["data"]["sources"][0][0] = "../../etc/passwd#0" if tamper == "sources" else bad["data"]["sources"][0][0]
+        bad["data"]["hf"]["files_sha256"] = entries_sha256(bad["data"]["hf"]["files"])  # a consistent forgery
+        with pytest.raises(CacheError, match=r"\.\."):
+            source_from_manifest(bad)
     save_parquet(root, files=2, seed=5)  # re-written: same names, same rows, other images (other sizes)
     with pytest.raises(SourceError, match=r"part-0.parquet changed since extraction .*pass --data with the dataset "
                                           r"the cache was extracted from"):

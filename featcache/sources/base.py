@@ -121,14 +121,16 @@ class ImageSource:
         return [it.label for it in self.items]
 
     def path_of(self, i: int) -> str:
-        """Human-readable location of item ``i`` (``/root/class/x.jpg`` or ``/root/shard.tar#key.jpg``)."""
+        """Human-readable location of item ``i`` (``/root/class/x.jpg``, ``/root/shard.tar#key.jpg``,
+        ``/root/data-00000-of-00001.arrow#12``)."""
         return os.path.join(self.root, self.items[i].relpath)
 
     def read_bytes(self, i: int) -> bytes:
-        """The encoded bytes of item ``i``.
+        """The encoded bytes of item ``i``, read by the :data:`READERS` entry of this source's kind.
 
         Raises:
-            DecodeError: a folder file that resolves outside the root, or a shard member cut short.
+            DecodeError: a folder file that resolves outside the root, a shard member cut short, a dataset row
+                without image bytes.
         """
         return READERS.get(self.kind)(self, self.items[i].relpath)
 
