@@ -246,13 +246,13 @@ def build_eval_loader(cfg: TrainConfig, manifest: Manifest, img_size: int, data_
     if not cfg.val:
         return None
     from .datasets import EvalDataset
-    from .sources import open_source
+    from .sources import open_local_source
 
     if data_config.get("crop_mode", "center") != "center":
         raise ConfigError(f"the student's timm data config asks for crop_mode={data_config['crop_mode']!r}; --val "
                           "evaluates with centre crops only: use a student whose pretrained_cfg has crop_mode "
                           "'center', or evaluate the exported student with timm's own transforms")
-    dataset = EvalDataset(open_source(cfg.val), img_size, manifest["data"]["classes"],
+    dataset = EvalDataset(open_local_source(cfg.val, "--val"), img_size, manifest["data"]["classes"],
                           crop_pct=data_config["crop_pct"], interpolation=data_config["interpolation"])
     return DataLoader(dataset, shuffle=False, **_loader_kwargs(cfg))
 

@@ -154,12 +154,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     """Probe ``cfg.student`` on ``cfg.data`` -> ``cfg.val``; write the result JSON; return it."""
-    from .sources import open_source
+    from .sources import open_local_source
 
     cfg.validate()
     device = resolve_device(cfg.device)
     model, spec = load_student(cfg)
-    train_src, val_src = open_source(cfg.data), open_source(cfg.val)
+    train_src, val_src = open_local_source(cfg.data, "--data"), open_local_source(cfg.val, "--val")
     classes = list(train_src.classes)
     kw = dict(spec=spec, device=device, batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)
     train_x, train_y = extract_features(model, train_src, classes, desc="train features", **kw)

@@ -167,3 +167,11 @@ def test_a_remote_cache_needs_a_stage_dir(tmp_path):
     out = one_line_failure("extract", "--data", "http://127.0.0.1:9/a.tar", "--out", "memory://bucket/c",
                            *tiny_extract_args())
     assert "pass --data-stage-dir DIR" in out, out
+
+
+@pytest.mark.parametrize("flag", ["--val", "--data"])
+def test_commands_reading_in_place_refuse_url_specs_with_the_fix(flag):
+    from featcache.sources import open_local_source
+
+    with pytest.raises(ConfigError, match=f"{flag} 'pipe:cat a.tar' names shards by URL.*--data-stage-dir DIR"):
+        open_local_source("pipe:cat a.tar", flag)

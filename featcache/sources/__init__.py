@@ -45,7 +45,7 @@ Decoding: 16-bit images (Pillow modes ``I;16*``, 16-bit PGM) are scaled to 8 bit
 from ..errors import DecodeError as ImageDecodeError
 from .base import IMG_EXTENSIONS, KINDS, ImageSource, SourceItem
 from .decode import decode_image
-from .discover import detect_kind, open_source
+from .discover import detect_kind, open_local_source, open_source
 from .folder import scan_folder
 from .hf import scan_hf
 from .recorded import source_from_manifest, source_manifest_entry
@@ -54,5 +54,5 @@ from .urls import is_url_spec, scan_staged
 from .wds import scan_wds
 
 __all__ = ["IMG_EXTENSIONS", "KINDS", "ImageDecodeError", "ImageSource", "SourceItem", "decode_image", "detect_kind",
-           "file_list_sha256", "is_url_spec", "open_source", "scan_folder", "scan_hf", "scan_staged", "scan_wds",
+           "file_list_sha256", "is_url_spec", "open_local_source", "open_source", "scan_folder", "scan_hf", "scan_staged", "scan_wds",
            "select_subset", "source_from_manifest", "source_manifest_entry"]

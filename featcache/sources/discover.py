@@ -43,3 +43,12 @@ def open_source(path: str | os.PathLike | Sequence[str], kind: str | None = None
     if kind == "hf":
         return scan_hf(path, image_column, label_column)
     raise ConfigError(f"unknown data format {kind!r}; known: {list(KINDS)}")
+
+
+def open_local_source(path: str | os.PathLike, flag: str) -> ImageSource:
+    """:func:`open_source` for commands that read images in place (``train --val``, ``probe``): shards named by URL
+    are refused, since only ``extract`` stages them (it copies them once and records their hashes)."""
+    if is_url_spec(path):
+        raise ConfigError(f"{flag} {str(path)!r} names shards by URL, which this command does not copy: stage them "
+                          "with `featcache extract --data-stage-dir DIR` (or copy them yourself) and pass DIR")
+    return open_source(path)
