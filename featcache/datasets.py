@@ -81,10 +81,11 @@ def choose_view(policy: str, valid_views: Sequence[int], epoch: int, sample: int
     raise ValueError(f"unknown view policy {policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1 << 16)
 def _cycle_offset(seed: int, sample: int, n: int) -> int:
     """The ``cycle`` policy's per-sample start view; cached: it is fixed for the run, and building a numpy
-    Generator (~17 us) on every item of every epoch is waste in the loader's hot path."""
+    Generator (~17 us) per item is waste in the loader's hot path. Bounded: unbounded, it grows by ~150 B per sample
+    in every worker (~190 MB at ImageNet scale), for a saving that is small next to decoding the image."""
     return int(np.random.default_rng([seed, sample, 0x5EED]).integers(n))
 
 
@@ -93,9 +94,12 @@ def labelled_mask(labels: Sequence[int], label_shots: int | None) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     if label_shots is None:
         return np.ones(len(labels), dtype=bool)
+    order = np.argsort(labels, kind="stable")  # grouped by class, sample order inside each
+    ordered = labels[order]
+    group_start = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    rank = np.arange(len(labels)) - np.repeat(group_start, np.diff(np.r_[group_start, len(labels)]))
     keep = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        keep[np.flatnonzero(labels == c)[:label_shots]] = True
+    keep[order[rank < label_shots]] = True
     return keep
 
 
@@ -162,16 +166,48 @@ class CachedViewDataset(Dataset):
         self.stored = stored_names(reader.manifest, self.targets) if self.targets else []
         self.view_policy, self.seed, self.fingerprint_checks = view_policy, seed, fingerprint_checks
         self.num_classes, self.label_smoothing, self.fresh_views = num_classes, label_smoothing, fresh_views
-        rec = reader.records()
-        self.params = np.asarray(rec["params"], dtype=np.float64)
-        self.fingerprints = np.asarray(rec["fingerprint"], dtype=np.int64)
-        self.rows_of, self.samples, labels = _valid_rows(rec, reader.manifest.views_per_sample, max_views)
-        keep = labelled_mask(labels, label_shots)
-        self.labels = np.where(keep, labels, -1)
+        self.views = reader.manifest.views_per_sample
+        self.used_views = min(self.views, max_views or self.views)
+        self.label_shots = label_shots
         self.drift = environment_drift(reader.manifest.get("versions", {}))
-        self.sample_labels = np.full(len(source), -1, dtype=np.int64)  # by sample position: a partner's label
-        self.sample_labels[self.samples] = self.labels
+        self._index()
         self.set_epoch(0)
+
+    # Per-sample bookkeeping: numpy arrays over the cache's records, rebuilt (cheaply, from the mapped records) in
+    # each process instead of pickled: a DataLoader worker receives the reader and the source by reference only.
+    _derived = ("_valid", "samples", "labels", "sample_labels")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._derived}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in CachedViewDataset._derived and "reader" in self.__dict__:
+            self._index()
+            return self.__dict__[name]
+        raise AttributeError(name)
+
+    def _index(self) -> None:
+        valid = np.asarray(self.reader.records()["valid"]).reshape(-1, self.views)[:, :self.used_views] != 0
+        self.samples = np.flatnonzero(valid.any(axis=1))
+        self._valid = valid
+        labels = self.source.label_array()[self.samples]  # a view's recorded label is its image's
+        self.labels = np.where(labelled_mask(labels, self.label_shots), labels, -1)
+        self.sample_labels = np.full(len(self.source), -1, dtype=np.int64)  # by sample position: a partner's label
+        self.sample_labels[self.samples] = self.labels
+
+    @property
+    def params(self) -> np.ndarray:
+        """Every row's drawn view parameters (mapped from the cache: rows are read as items touch them)."""
+        return self.reader.records()["params"]
+
+    @property
+    def fingerprints(self) -> np.ndarray:
+        return self.reader.records()["fingerprint"]
+
+    def rows_of(self, index: int) -> np.ndarray:
+        """The valid rows of item ``index``'s sample (``row = sample * K + view``)."""
+        sample = int(self.samples[index])
+        return np.flatnonzero(self._valid[sample]) + sample * self.views
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -183,8 +219,7 @@ class CachedViewDataset(Dataset):
 
     def row_of(self, index: int) -> int:
         """The cache row (stored view) item ``index`` uses in the current epoch."""
-        sample = self.samples[index]
-        return choose_view(self.view_policy, self.rows_of[index], self.epoch, sample, self.seed)
+        return choose_view(self.view_policy, self.rows_of(index), self.epoch, int(self.samples[index]), self.seed)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.fresh_views:
@@ -194,8 +229,8 @@ class CachedViewDataset(Dataset):
     def item(self, index: int, row: int, stored: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Item ``index`` from cache row ``row``; its ``stored`` arrays when the caller read them already (a
         stream of whole shards, :mod:`featcache.streaming`), else they are read here."""
-        sample = self.samples[index]
-        params = self.params[row]
+        sample = int(self.samples[index])
+        params = np.asarray(self.params[row])
         partner = self.recipe.partner_of(params)  # a mixed view: its partner's image is replayed too
         image = replay(self.load(sample, row), self.recipe, params,
                        None if partner is None else self.load(partner, row))
@@ -281,23 +316,6 @@ def _tensor(stored: np.ndarray) -> torch.Tensor:
     """A stored array as a writable tensor; uint16 (bf16 bits) as int16, which every torch op and collate handles."""
     stored = stored.view(np.int16) if stored.dtype == np.uint16 else stored
     return torch.from_numpy(np.require(stored, requirements=["W"]))
-
-
-def _valid_rows(records: dict[str, np.ndarray], views: int, max_views: int | None = None
-                ) -> tuple[list[list[int]], list[int], np.ndarray]:
-    """Per sample position: its valid rows (``row = sample * K + view``, ``view < max_views``); samples without one
-    are dropped."""
-    valid = np.asarray(records["valid"]).astype(bool)
-    labels = np.asarray(records["label"], dtype=np.int64)
-    rows_of, samples, sample_labels = [], [], []
-    used = min(views, max_views or views)
-    for s in range(len(valid) // views):
-        rows = [s * views + v for v in range(used) if valid[s * views + v]]
-        if rows:
-            rows_of.append(rows)
-            samples.append(s)
-            sample_labels.append(int(labels[rows[0]]))
-    return rows_of, samples, np.asarray(sample_labels, dtype=np.int64)
 
 
 class EvalDataset(Dataset):

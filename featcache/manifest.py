@@ -25,7 +25,9 @@ from typing import Any, Mapping
 
 from .errors import CacheError
 
-FORMAT_VERSION = 1
+# 2: per-sample sources and per-view records in bulk ``.npy`` arrays (``data.items``, ``records``); 1 kept them
+# inline (``data.sources``) and per unit. Both are read.
+FORMAT_VERSION = 2
 
 RECORD_DTYPES: dict[str, str] = {
     "sample": "int64",
@@ -41,9 +43,10 @@ RECORD_DTYPES: dict[str, str] = {
 # any of them against an existing cache is refused, with the differing keys named.
 IDENTITY_KEYS = ("teacher", "layers", "img_size", "normalization", "data", "subset", "views", "storage")
 
-# What a cache may change after it was created: its completion, the files it skipped and, inside the sealed keys,
-# the data root (a dataset may move) and the error convert measures per target. Everything else is sealed.
-UNSEALED_KEYS = ("complete", "skipped", "seal")
+# What a cache may change after it was created: its completion, the files it skipped, the specs of the bulk records
+# written when it is finalized (their bytes are pinned by the units' CRC-32s) and, inside the sealed keys, the data
+# root (a dataset may move) and the error convert measures per target. Everything else is sealed.
+UNSEALED_KEYS = ("complete", "skipped", "seal", "records")
 
 _BLOCK_RE = re.compile(r"^block_(\d+)$")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -76,11 +79,17 @@ class Manifest(dict):
         weights_sha256, num_classes, embed_dim, num_blocks, num_prefix_tokens, patch_size, grid_size,
         final_norm{type, eps, weight, bias}}, versions{timm, torch, torchvision, ...}, layers[int],
         img_size, normalization{mean, std, interpolation}, data{kind, root, file_list_sha256, classes,
-        num_files, sources[[relpath, label], ...]}, subset{shots, fraction, subset_seed},
+        num_files, items{count, arrays}}, subset{shots, fraction, subset_seed},
         views{count, seed, recipe, param_names}, targets{name: {shape, encoding}} (logical),
         arrays{name: {shape, dtype, compressor}} (stored), storage{format, dtype, shard_size, codec, topk},
-        num_samples, num_rows, complete, skipped[...].
+        num_samples, num_rows, complete, skipped[...], records{name: {sha256, dtype, shape}}.
+
+    A manifest built in memory lists its sources inline (``data.sources``: ``[[relpath, label], ...]``, as
+    FORMAT_VERSION 1 caches store them); a writer moves them into the cache's bulk arrays. ``meta`` is the mapping of
+    those arrays a reader attaches to the manifest it opened (None otherwise); it travels with copies and pickles.
     """
+
+    meta: Mapping[str, Any] | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -126,11 +135,14 @@ class Manifest(dict):
         return cls(json.loads(text))
 
     def copy(self) -> "Manifest":
-        return Manifest(copy.deepcopy(dict(self)))
+        out = Manifest(copy.deepcopy(dict(self)))
+        out.meta = self.meta
+        return out
 
     def sealed(self) -> "Manifest":
         """A copy carrying its ``seal``: a digest of every sealed entry (see :func:`seal_entries`)."""
         out = Manifest.from_json(self.to_json())  # the digests are of the JSON a backend stores
+        out.meta = self.meta
         out["seal"] = seal_entries(out)
         return out
 
@@ -288,6 +300,10 @@ def _count_problems(m: Manifest) -> list[str]:
     if sources is not None and (not isinstance(sources, list) or len(sources) != samples):
         out.append(f"data.sources lists {len(sources) if isinstance(sources, list) else _short(sources)} images for "
                    f"num_samples {samples}")
+    items = m["data"].get("items")
+    if items is not None and not (isinstance(items, dict) and items.get("count") == samples and
+                                  isinstance(items.get("arrays"), dict)):
+        out.append(f"data.items {_short(items)} does not describe num_samples {samples} images")
     return out
 
 

@@ -104,6 +104,7 @@ def test_no_file_outside_the_root_is_ever_read(tmp_path, caplog):
 def test_an_extraction_over_the_hostile_tree_reads_nothing_outside_the_root(tmp_path):
     from featcache.config import ExtractConfig
     from featcache.extract import run_extract
+    from featcache.sources import source_from_manifest
     from featcache.stores import open_reader
     from featcache.testing.caches import CACHE_ARGS
 
@@ -113,8 +114,8 @@ def test_an_extraction_over_the_hostile_tree_reads_nothing_outside_the_root(tmp_
     with audited() as seen:
         run_extract(cfg, progress=False)
     assert seen and not [p for p in seen if _inside(p, outside)], "a file the links point at was read"
-    data = open_reader(cfg.out).manifest["data"]
-    assert len(data["sources"]) == 7 and all("evil" not in rel and "loop" not in rel for rel, _ in data["sources"])
+    items = source_from_manifest(open_reader(cfg.out).manifest).items
+    assert len(items) == 7 and all("evil" not in it.relpath and "loop" not in it.relpath for it in items)
 
 
 def test_a_link_changed_after_discovery_is_refused_at_load(tmp_path):

@@ -25,6 +25,7 @@ import pytest
 from featcache.config import ExtractConfig
 from featcache.errors import CacheError
 from featcache.extract import run_extract
+from featcache.manifest import FORMAT_VERSION
 from featcache.stores import WRITERS, create_writer, hdf5_store, open_reader
 from featcache.stores.encodings import encode_targets
 from featcache.testing.caches import TINY_VIT_TEACHER
@@ -304,7 +305,8 @@ EDITS = {
     "classes": (lambda m: m["data"].update(classes=["a", "b"]), r"edited after extraction: data.classes differ"),
     "views": (lambda m: m["views"].update(seed=1), r"edited after extraction: views.seed differ"),
     "arrays": (lambda m: m["arrays"]["block_0"].update(dtype="float32"), r"arrays.block_0 (is float32\[5, 8\]|differ)"),
-    "format_version": (lambda m: m.update(format_version=2), r"format_version 2 is newer"),
+    "format_version": (lambda m: m.update(format_version=FORMAT_VERSION + 1), rf"format_version {FORMAT_VERSION + 1} is "
+                       r"newer"),
     "data.root url": (lambda m: m["data"].update(root="s3://bucket/images"), r"data.root 's3://bucket/images' is a "
                       r"URL"),
     "data.root relative": (lambda m: m["data"].update(root="images"), r"data.root 'images' is not an absolute path"),

@@ -15,7 +15,9 @@ import pytest
 
 from featcache.convert import convert
 from featcache.info import cache_info
+from featcache.errors import CacheError
 from featcache.manifest import FORMAT_VERSION
+from featcache.sources import source_from_manifest
 from featcache.stores import create_writer, detect_format, open_reader
 from featcache.stores.zarr_store import ZarrMarkers
 from featcache.verify import verify_cache
@@ -42,7 +44,7 @@ def test_legacy_cache_opens_and_reads(legacy, fmt):
     assert detect_format(path) == fmt
     reader = open_reader(path)
     m = reader.manifest
-    assert m["format_version"] == FORMAT_VERSION and m.complete and len(reader) == 12 and m.num_units == 3
+    assert m["format_version"] == 1 < FORMAT_VERSION and m.complete and len(reader) == 12 and m.num_units == 3
     assert {n: t["shape"] for n, t in m["targets"].items()} == TARGETS
     rec = reader.records()
     np.testing.assert_array_equal(rec["sample"], np.repeat(np.arange(6), 2))
@@ -85,13 +87,29 @@ INTEGRITY = ("seal", "crc32")  # keys today's writers add to manifests and unit 
 
 
 def _plain(doc):
-    """A manifest or marker note without the integrity keys v0.1 did not write."""
-    return {k: v for k, v in doc.items() if k not in INTEGRITY}
+    """A manifest or marker note without the integrity keys v0.1 did not write, a format 2 manifest in format 1's
+    terms (its sources inline, no bulk records: they are compared as files, :func:`_meta_as_v1`)."""
+    out = {k: v for k, v in doc.items() if k not in INTEGRITY + ("records",)}
+    if "data" in out:
+        out["format_version"] = 1
+        out["data"] = {k: v for k, v in out["data"].items() if k not in ("items", "sources")}
+    return out
 
 
 def _json_tree(tree: dict[str, bytes]) -> dict[str, object]:
-    """Files as compared across versions: JSON files (manifest, markers) parsed and stripped of integrity keys."""
-    return {k: _plain(json.loads(v)) if k.endswith(".json") else v for k, v in tree.items()}
+    """Files as compared across versions: JSON files (manifest, markers) parsed and stripped of integrity keys, the
+    format 2 metadata arrays left out (:func:`_meta_as_v1` compares them)."""
+    return {k: _plain(json.loads(v)) if k.endswith(".json") else v for k, v in tree.items()
+            if not k.startswith("_featcache/meta/")}
+
+
+def _meta_as_v1(new: Path, old: Path) -> None:
+    """A converted cache's bulk arrays hold what its format 1 source kept inline and per unit."""
+    got, want = open_reader(new), open_reader(old)
+    src = source_from_manifest(got.manifest, root=old.parent / "data")
+    assert [[it.relpath, it.label] for it in src.items] == want.manifest["data"]["sources"]
+    for name, values in want.records().items():
+        np.testing.assert_array_equal(got.records()[name], values)
 
 
 def _hdf5_content(root: Path) -> dict[str, object]:
@@ -118,6 +136,8 @@ def test_todays_writers_reproduce_the_legacy_bytes(legacy):
     convert(legacy / "cache_wds", legacy / "z", "zarr", progress=False)
     assert _json_tree(_tree(legacy / "w")) == _json_tree(_tree(legacy / "cache_wds"))
     assert _hdf5_content(legacy / "h") == _hdf5_content(legacy / "cache_hdf5")
+    for new, old in (("w", "cache_zarr"), ("h", "cache_zarr"), ("z", "cache_wds")):
+        _meta_as_v1(legacy / new, legacy / old)
     z, old = _tree(legacy / "z"), _tree(legacy / "cache_zarr")
     data = [k for k in old if k != "zarr.json" and not k.startswith("_featcache/")]  # markers: compared as notes
     assert sorted(k for k in z if k != "zarr.json" and not k.startswith("_featcache/")) == sorted(data)
@@ -126,26 +146,22 @@ def test_todays_writers_reproduce_the_legacy_bytes(legacy):
     assert {k: z[k] for k in data} == {k: old[k] for k in data}
     meta, old_meta = json.loads(z["zarr.json"]), json.loads(old["zarr.json"])
     meta["attributes"]["featcache"] = _plain(meta["attributes"]["featcache"])
+    old_meta["attributes"]["featcache"] = _plain(old_meta["attributes"]["featcache"])
     assert meta == old_meta
     notes = [open_reader(legacy / name).unit_notes() for name in ("z", "cache_zarr")]
     assert [_plain(n) for n in notes[0]] == notes[1]
 
 
-def test_legacy_zarr_markers_are_resumed_in_their_own_layout(legacy):
-    """A v0.1 Zarr cache keeps its markers in the string array ``_featcache/units``: a resume writes the unit it
-    redoes there too (never a marker file beside it), and the cache ends as it was."""
+def test_legacy_cache_is_not_resumed_by_a_newer_format(legacy):
+    """An unfinished format 1 cache is refused before anything is written, naming the fixes (its units and format 2's
+    bulk metadata would mix two layouts); a complete one still converts to format 2."""
     path = legacy / "cache_zarr"
     before = _tree(path)
     reader = open_reader(path)
-    stored, records, note = reader.read_stored_unit(1), reader.unit_records(1), reader.unit_notes()[1]
     ZarrMarkers(path).clear(1)
-    with pytest.warns(UserWarning, match="whose manifest says it is complete"):
-        writer = create_writer(path, reader.manifest, format="zarr")
-    assert writer.completed_units() == {0, 2}
-    writer.write_unit(1, stored, records, skipped=note["skipped"])
-    writer.finalize()
+    with pytest.raises(CacheError, match=r"cache format 1, this featcache writes format 2; re-extract it with "
+                                         r"--overwrite.*featcache convert"):
+        create_writer(path, reader.manifest, format="zarr")
     after = _tree(path)
-    assert not [k for k in after if k.startswith("_featcache/units/unit-")]
-    same = [k for k in before if k not in ("zarr.json", "_featcache/units/c/1")]  # the note gains crc32 and seal
-    assert sorted(after) == sorted(before) and {k: after[k] for k in same} == {k: before[k] for k in same}
-    assert [_plain(n) for n in open_reader(path).unit_notes()] == [_plain(n) for n in reader.unit_notes()]
+    assert {k: after[k] for k in before if k != "_featcache/units/c/1"} == {k: before[k] for k in before
+                                                                             if k != "_featcache/units/c/1"}

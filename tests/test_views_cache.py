@@ -176,8 +176,8 @@ def test_mixed_items_carry_soft_lambda_mixed_labels(parity_cache):
     m = reader.manifest
     recipe = Recipe.from_dict(m["views"]["recipe"])
     ds = CachedViewDataset(reader, source_from_manifest(m), recipe, ["logits"], num_classes=1000,
-                           label_smoothing=0.1, fingerprint_checks=len(m["data"]["sources"]))
-    labels = np.asarray(m["data"]["sources"], dtype=object)[:, 1].astype(int)
+                           label_smoothing=0.1, fingerprint_checks=m["num_samples"])
+    labels = source_from_manifest(m).label_array()
     for index in range(len(ds)):
         item = ds[index]  # every item's fingerprint is checked
         p = dict(zip(recipe.param_names, reader.records()["params"][item["row"]]))
@@ -200,7 +200,7 @@ def test_fresh_views_are_new_every_epoch_and_a_function_of_seed_epoch_sample(par
         ds.set_epoch(epoch)
         return {i: fingerprint(ds[i]["image"]) for i in order}
 
-    n = len(m["data"]["sources"])
+    n = m["num_samples"]
     first = fingerprints(0, range(n))
     assert fingerprints(0, reversed(range(n))) == first
     assert all(a != b for a, b in zip(first.values(), fingerprints(1, range(n)).values()))

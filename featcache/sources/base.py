@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import CacheError, ConfigError, DecodeError
@@ -98,7 +99,7 @@ class ImageSource:
         self.kind = kind
         self.root = str(root)
         self.classes = list(classes)
-        self.items = list(items)
+        self.items = items if hasattr(items, "arrays") else list(items)  # packed items stay packed (sources/packed.py)
         self.ignored = list(ignored)
         self.recorded = dict(recorded or {})
         # Per-process handles, never shipped to workers: wds shard -> member -> (offset, size); hf file -> reader.
@@ -119,6 +120,11 @@ class ImageSource:
     @property
     def labels(self) -> list[int]:
         return [it.label for it in self.items]
+
+    def label_array(self) -> np.ndarray:
+        """Every item's label as int64, without a Python object per item for packed items."""
+        labels = getattr(self.items, "labels", None)
+        return np.asarray(labels if labels is not None else [it.label for it in self.items], dtype=np.int64)
 
     def path_of(self, i: int) -> str:
         """Human-readable location of item ``i`` (``/root/class/x.jpg``, ``/root/shard.tar#key.jpg``,

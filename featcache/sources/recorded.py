@@ -8,6 +8,7 @@ from ..errors import CacheError, MissingFileError
 from ..manifest import safe_relpath
 from .base import ImageSource, SourceItem, split_wds_relpath
 from .hf import check_unchanged
+from .packed import PackedItems, check_packed
 from .subsets import file_list_sha256
 from .urls import check_staged, is_url_spec
 
@@ -34,6 +35,10 @@ def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | 
         root: where the dataset lives now, if it moved since extraction; default the recorded root. For shards
             staged from URLs, the URL spec typed again stages them anew into the recorded directory.
 
+    A cache in FORMAT_VERSION 2 keeps the list in bulk arrays (``manifest.meta``, attached by the reader that opened
+    it): their SHA-256s, sealed in the manifest, are checked when they are read, and every path is checked in one
+    vectorised pass here (each again when its file is opened). A FORMAT_VERSION 1 manifest lists it inline.
+
     Raises:
         CacheError: on unsafe paths or a file list that does not match its recorded hash.
         SourceError: when the dataset files or staged shards changed since extraction.
@@ -41,6 +46,30 @@ def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | 
     data = manifest["data"]
     spec = str(root) if root is not None and "staged" in data and is_url_spec(str(root)) else None
     root = str(data["root"]) if root is None or spec is not None else str(root)
+    items = _inline_items(data) if "sources" in data else _packed_items(manifest)
+    if spec is None:
+        _check_root(root, staged="staged" in data)
+    source = ImageSource(str(data["kind"]), root, data["classes"], items,
+                         recorded={k: data[k] for k in RECORDED_KEYS if k in data})
+    if "staged" in data:
+        check_staged(source, spec)
+    if data["kind"] == "hf":
+        check_unchanged(source)
+    return source
+
+
+def _packed_items(manifest: Mapping[str, Any]) -> PackedItems:
+    meta = getattr(manifest, "meta", None)
+    if meta is None:
+        raise CacheError("this manifest keeps its file list in the cache's arrays; open the cache with open_reader and "
+                         "pass reader.manifest")
+    data = manifest["data"]
+    arrays = {name: meta[name] for name in data["items"]["arrays"]}
+    check_packed(arrays, int(data["items"]["count"]), len(data["classes"]), b"/#" if data["kind"] != "folder" else b"/")
+    return PackedItems(meta)
+
+
+def _inline_items(data: Mapping[str, Any]) -> list[SourceItem]:
     items = [SourceItem(safe_relpath(str(rel)), int(label)) for rel, label in data["sources"]]
     if data["kind"] == "wds":
         for it in items:
@@ -49,17 +78,15 @@ def source_from_manifest(manifest: Mapping[str, Any], root: str | os.PathLike | 
     if digest != data.get("file_list_sha256"):
         raise CacheError(f"the cache's file list does not match its recorded hash ({digest} != "
                          f"{data.get('file_list_sha256')}); the manifest is corrupt")
-    if spec is None and not os.path.isdir(root):
-        if "staged" in data:
-            raise MissingFileError(f"the directory {root!r} the shards were staged in does not exist; pass the "
-                                   "shards' URL spec again with --data (they are staged anew and checked), or --data "
-                                   "DIR where the staged copies are now")
-        raise MissingFileError(f"dataset root {root!r} recorded in the cache does not exist; point at the images "
-                               "with --data DIR")
-    source = ImageSource(str(data["kind"]), root, data["classes"], items,
-                         recorded={k: data[k] for k in RECORDED_KEYS if k in data})
-    if "staged" in data:
-        check_staged(source, spec)
-    if data["kind"] == "hf":
-        check_unchanged(source)
-    return source
+    return items
+
+
+def _check_root(root: str, staged: bool) -> None:
+    if os.path.isdir(root):
+        return
+    if staged:
+        raise MissingFileError(f"the directory {root!r} the shards were staged in does not exist; pass the shards' "
+                               "URL spec again with --data (they are staged anew and checked), or --data DIR where "
+                               "the staged copies are now")
+    raise MissingFileError(f"dataset root {root!r} recorded in the cache does not exist; point at the images "
+                           "with --data DIR")

@@ -27,10 +27,10 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..errors import CacheError
-from ..manifest import Manifest
+from ..manifest import FORMAT_VERSION, Manifest
 from ..registry import Registry
 from ..storage import ObjectPath, ensure_writable, location, rmtree
-from . import _units
+from . import _meta, _units
 from .encodings import Encoding, encoding, stored_names
 
 
@@ -55,16 +55,19 @@ class StoreWriter(ABC):
         ensure_writable(self.path)
         self._trusted: set[int] = set()  # units this writer wrote or read back and checked
         self.redone: dict[int, str] = {}  # units un-marked because they could not be trusted -> why
-        wanted = self._new_manifest(Manifest(manifest)).sealed()
+        wanted, meta_files = self._new_manifest(_meta.with_meta(manifest))
+        wanted = wanted.sealed()
         with _units.disk_errors(self.path):
             _units.claim(self.path, overwrite)
             existing = self._load_manifest() if self.path.exists() else None
             if existing is None:
                 if self.path.exists():  # creation was interrupted before the manifest landed: nothing in it is valid
                     rmtree(self.path)
+                _meta.write_files(self.path, meta_files)  # before the layout: the manifest, written last, lists them
                 self._create(wanted)
                 existing = wanted
             else:
+                _meta.check_format(self.path, existing)
                 _units.check_identity(self.path, existing, wanted)
         self._manifest = existing
         if existing.complete:
@@ -75,12 +78,18 @@ class StoreWriter(ABC):
         """The cache's manifest (the existing one on resume); read it, change it only through the writer."""
         return self._manifest
 
-    def _new_manifest(self, manifest: Manifest) -> Manifest:
-        out = manifest.copy()
-        out.pop("seal", None)  # sealed afresh: a converted cache's manifest comes from its source's
+    def _new_manifest(self, manifest: Manifest) -> tuple[Manifest, dict[str, bytes]]:
+        """The manifest this writer stores (its sources moved into bulk arrays) and those arrays' ``.npy`` files."""
+        out, sources = _meta.split_sources(manifest)
+        files, specs = _meta.encode_arrays(sources)
+        out = _meta.with_source_specs(out, specs)
+        out.meta = None  # this cache's arrays are its own, not those of a cache it was converted from
+        out["format_version"] = FORMAT_VERSION
+        for key in ("seal", "records"):  # sealed afresh, records written at finalize: a converted cache's come along
+            out.pop(key, None)
         out.setdefault("storage", {})["format"] = self.name
         out["complete"] = False
-        return out
+        return out, files
 
     def _recheck_complete(self) -> None:
         """A cache that says it is complete must open as a reader opens it; if it does not (a hand-set ``complete``,
@@ -179,6 +188,7 @@ class StoreWriter(ABC):
             notes = self._markers().read(self._manifest.num_units)
             trusted = [note if unit in done else {} for unit, note in enumerate(notes)]
             manifest = _units.finalized(self.path, self._manifest, trusted)
+            manifest["records"] = _meta.write_records(self.path, self._reader(strict=False).records())
             self._reader(strict=True).close()  # every marker fits, every part opens: only then claim completion
             _units.sweep_debris(self.path)
             self._save_manifest(manifest)
@@ -240,6 +250,7 @@ class StoreReader(ABC):
             raise CacheError(f"no featcache {self.name} cache at {str(self.path)!r} (no manifest); make one with "
                              "`featcache extract --out PATH`")
         check_arrays(manifest, str(self.path))
+        manifest.meta = _meta.open_meta(self.path, manifest)
         self.manifest = manifest
         self._reset()
         if strict:
@@ -303,9 +314,16 @@ class StoreReader(ABC):
         """Per-unit marker notes (``{}`` for a unit not written yet)."""
         return self._markers().read(self.manifest.num_units)
 
-    @abstractmethod
     def records(self) -> dict[str, np.ndarray]:
-        """All per-view records, each an array over rows (small: read once)."""
+        """All per-view records, each an array over rows: a finalized cache's bulk arrays (memory-mapped locally,
+        :mod:`._meta`), else gathered unit by unit."""
+        if self.manifest.meta is not None and _meta.record_specs(self.manifest):
+            return _meta.bulk_records(self.manifest.meta)
+        return self._records_by_unit()
+
+    @abstractmethod
+    def _records_by_unit(self) -> dict[str, np.ndarray]:
+        """All per-view records, read from every unit (an unfinished cache, or FORMAT_VERSION 1)."""
 
     @abstractmethod
     def unit_records(self, unit: int) -> dict[str, np.ndarray]:

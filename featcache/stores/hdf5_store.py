@@ -264,7 +264,7 @@ class Hdf5Reader(_units.JsonManifestLayout, StoreReader):
         f, rows = self._file_of(unit), self.manifest.unit_rows(unit)
         return {k: f[f"records/{k}"][rows.start:rows.stop] for k in RECORD_DTYPES}
 
-    def records(self) -> dict[str, np.ndarray]:
+    def _records_by_unit(self) -> dict[str, np.ndarray]:
         if self._records is None:
             parts: dict[str, list[np.ndarray]] = {k: [] for k in RECORD_DTYPES}
             for unit in range(self.manifest.num_units):

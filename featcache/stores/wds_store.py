@@ -232,7 +232,7 @@ class WdsReader(_units.JsonManifestLayout, StoreReader):
     def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         return {n: self._member(row, n) for n in names or list(self.manifest["arrays"])}
 
-    def records(self) -> dict[str, np.ndarray]:
+    def _records_by_unit(self) -> dict[str, np.ndarray]:
         """Every row's records: one ``pread`` per row locally; on object storage each shard is streamed once
         instead (a ranged GET per row would cost a round trip each)."""
         if self._records is None:

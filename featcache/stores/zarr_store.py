@@ -177,10 +177,10 @@ class ZarrWriter(StoreWriter):
         super().__init__(path, manifest, overwrite)
         self._marker_store = markers_of(self.path)
 
-    def _new_manifest(self, manifest: Manifest) -> Manifest:
-        out = super()._new_manifest(manifest)
+    def _new_manifest(self, manifest: Manifest) -> tuple[Manifest, dict[str, bytes]]:
+        out, files = super()._new_manifest(manifest)
         out["num_units"] = out.num_units
-        return out
+        return out, files
 
     def _load_manifest(self) -> Manifest | None:
         return read_manifest(self.path)
@@ -197,7 +197,7 @@ class ZarrWriter(StoreWriter):
     def _create(self, manifest: Manifest) -> None:
         import zarr
 
-        (self.path / _units.OWN_DIR).mkdir(parents=True)
+        (self.path / _units.OWN_DIR).mkdir(parents=True, exist_ok=True)  # it holds the metadata arrays already
         group = zarr.open_group(zarr_store(self.path), mode="a")
         rows, shard = manifest.num_rows, manifest.shard_size
         for name, spec in manifest["arrays"].items():
@@ -416,7 +416,7 @@ class ZarrReader(StoreReader):
         """Stored arrays of one row through zarr-python (reference path, for checks and comparisons)."""
         return {n: self._read_zarr(n, row) for n in names or list(self.manifest["arrays"])}
 
-    def records(self) -> dict[str, np.ndarray]:
+    def _records_by_unit(self) -> dict[str, np.ndarray]:
         import zarr
 
         group = zarr.open_group(zarr_store(self.path / RECORDS, read_only=True), mode="r")
