@@ -74,7 +74,7 @@ def synthetic_items(images: int, classes: int) -> list[list]:
 
 def build(path: Path, images: int, views: int, shard_size: int, classes: int = 1000) -> float:
     """Write the cache's metadata through the real writer; return the seconds it took."""
-    from featcache.manifest import Manifest
+    from featcache.manifest import FORMAT_VERSION, Manifest
     from featcache.sources.base import SourceItem
     from featcache.sources.subsets import file_list_sha256
     from featcache.stores import create_writer
@@ -89,7 +89,7 @@ def build(path: Path, images: int, views: int, shard_size: int, classes: int = 1
             "num_files": images, "sources": sources,
             "file_list_sha256": file_list_sha256(SourceItem(r, lab) for r, lab in sources)}
     manifest = Manifest({
-        "format_version": 2, "teacher": {"name": "synthetic", "num_classes": classes}, "layers": [], "img_size": 224,
+        "format_version": FORMAT_VERSION, "teacher": {"name": "synthetic", "num_classes": classes}, "layers": [], "img_size": 224,
         "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}, "data": data,
         "subset": {"shots": None}, "views": {"count": views, "seed": 0, "recipe": recipe.to_dict(),
                                              "param_names": list(recipe.param_names)},
@@ -126,7 +126,7 @@ def main() -> None:
         got = json.loads(out.stdout.strip().splitlines()[-1])
         got["zarr.json"] = (path / "zarr.json").stat().st_size
         got["pickle_mb"] = got["pickle_bytes"] / 2**20
-        meta = sum(p.stat().st_size for p in (path / "_featcache" / "meta").iterdir())
+        meta = sum(p.stat().st_size for p in (path / "_featcache" / "meta").glob("*.npy"))  # none in format 1
         print(f"{args.images:,} images x {args.views} views = {args.images * args.views:,} rows"
               f"{'' if built is None else f'; metadata built in {built:.0f} s'}; bulk arrays {meta / 2**20:.0f} MB")
         rows = [("zarr.json", f"{got['zarr.json'] / 1024:.1f} KB", "< 1 MB", got["zarr.json"] < TARGETS["zarr.json"]),
