@@ -188,7 +188,8 @@ class StoreWriter(ABC):
             notes = self._markers().read(self._manifest.num_units)
             trusted = [note if unit in done else {} for unit, note in enumerate(notes)]
             manifest = _units.finalized(self.path, self._manifest, trusted)
-            manifest["records"] = _meta.write_records(self.path, self._reader(strict=False).records())
+            # from the units themselves: bulk records an earlier finalize wrote may predate units redone since
+            manifest["records"] = _meta.write_records(self.path, self._reader(strict=False)._records_by_unit())
             self._reader(strict=True).close()  # every marker fits, every part opens: only then claim completion
             _units.sweep_debris(self.path)
             self._save_manifest(manifest)

@@ -17,6 +17,7 @@ from featcache.sources.packed import PackedItems, check_packed, pack_items, pack
 from featcache.sources.subsets import file_list_sha256
 from featcache.stores import create_writer, open_reader
 from featcache.stores._meta import META_DIR, MetaArrays, write_arrays
+from featcache.stores._units import FileMarkers
 from featcache.testing.toystore import FORMATS
 from featcache.views import default_recipe
 
@@ -136,3 +137,18 @@ def test_rows_skip_invalid_views(tmp_path):
     assert len(ds) == int(valid.any(1).sum())
     for i, sample in enumerate(ds.samples):
         assert list(ds.rows_of(i)) == [sample * 4 + v for v in range(2) if valid[sample, v]]
+
+
+def test_finalize_takes_the_bulk_records_from_the_units(tmp_path):
+    """A complete cache resumed after a unit was lost gets bulk records of the unit as rewritten, not the old ones."""
+    path = metadata_cache(tmp_path, 300)  # 1200 rows: units of 1000 and 200
+    reader = open_reader(path)
+    redone = {k: np.array(v) for k, v in reader.unit_records(1).items()}
+    redone["valid"][:] = 0
+    FileMarkers(path).clear(1)
+    with pytest.warns(UserWarning, match="whose manifest says it is complete"):
+        writer = create_writer(path, reader.manifest, format="zarr")
+    writer.write_unit(1, {}, redone)
+    writer.finalize()
+    valid = open_reader(path).records()["valid"]
+    assert valid[1000:].sum() == 0 and valid[:1000].sum() == (np.arange(1000) % 7 != 3).sum()
