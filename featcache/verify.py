@@ -44,8 +44,12 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
     Returns:
         ``{"rows", "fingerprint_mismatches", "targets": {name: {max_abs, rel, tol, ok}}, "ok"}``; ``rel`` is
         ``||cached - recomputed|| / ||recomputed||`` over all checked rows.
+
+    Raises:
+        CacheError: when the cache's bulk records do not match its units' CRC-32s (checked first, in full).
     """
     check = _Check.open(path, device, data_root)
+    check.reader.check_records()
     valid = np.flatnonzero(check.records["valid"] == 1)
     rows = np.sort(np.random.default_rng(seed).choice(valid, size=min(samples, len(valid)), replace=False))
     mismatches: list[int] = []

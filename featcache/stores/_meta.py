@@ -7,9 +7,10 @@ manifest lists each array with its SHA-256, dtype and shape (``data.items`` for 
 for the records, added when the cache is finalized), so the JSON stays a few kilobytes at any size.
 
 Reading: an array read whole is checked against its SHA-256 before use (the sources, ``records.valid``). The other
-record columns (params, seeds, fingerprints, ...: ~100 B per row, ~2 GB at 20 M rows) are memory-mapped on local
+record columns (params, seeds, fingerprints, ...: ~70 B per row, 1.4 GB at 20 M rows) are memory-mapped on local
 disk, so a process pays only for the rows it touches; their header (dtype, shape) is checked on open and their
-bytes by the per-unit CRC-32s (`featcache verify`, resume). On object storage every array is fetched whole.
+bytes against the units' CRC-32s by ``featcache verify`` (:func:`check_bulk_records`). On object storage every
+array is fetched whole.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..manifest import FORMAT_VERSION, RECORD_DTYPES, Manifest
 from ..sources.packed import pack_items, packed_file_list_sha256
 from ..sources.base import SourceItem
 from ..storage import ObjectPath, is_local, write_atomic
-from ._units import OWN_DIR
+from ._units import OWN_DIR, unit_crc32
 
 META_DIR = f"{OWN_DIR}/meta"
 RECORD_PREFIX = "records."
@@ -191,3 +192,23 @@ def open_meta(root: Path | ObjectPath, manifest: Mapping[str, Any]) -> MetaArray
 def bulk_records(meta: MetaArrays) -> dict[str, np.ndarray]:
     """Every record column of a finalized cache, by record name."""
     return {k: meta[f"{RECORD_PREFIX}{k}"] for k in RECORD_DTYPES}
+
+
+def check_bulk_records(manifest: Manifest, notes: list[dict[str, Any]]) -> None:
+    """The bulk record columns hold, unit by unit, the bytes whose CRC-32 each unit's marker recorded: the check of
+    the columns that are mapped rather than hashed on open (one pass over every column).
+
+    Raises:
+        CacheError: naming the column, the rows and the unit.
+    """
+    if manifest.meta is None or not record_specs(manifest):
+        return
+    for name, column in bulk_records(manifest.meta).items():
+        for unit, note in enumerate(notes):
+            rows = manifest.unit_rows(unit)
+            want = (note.get("crc32") or {}).get(f"records/{name}")
+            got = unit_crc32({}, {name: column[rows.start:rows.stop]})[f"records/{name}"]
+            if want is not None and got != want:
+                raise CacheError(f"{META_DIR}/{RECORD_PREFIX}{name}.npy rows {rows.start}-{rows.stop - 1} do not match "
+                                 f"the CRC-32 unit {unit}'s marker recorded: the bulk records were changed or damaged; "
+                                 "restore them, or re-extract with --overwrite")

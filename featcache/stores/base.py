@@ -322,6 +322,11 @@ class StoreReader(ABC):
             return _meta.bulk_records(self.manifest.meta)
         return self._records_by_unit()
 
+    def check_records(self) -> None:
+        """Check the bulk record columns against the units' CRC-32s (``featcache verify``; they are mapped, not
+        hashed, on open). Raises CacheError naming the column and unit that differ."""
+        _meta.check_bulk_records(self.manifest, self.unit_notes())
+
     @abstractmethod
     def _records_by_unit(self) -> dict[str, np.ndarray]:
         """All per-view records, read from every unit (an unfinished cache, or FORMAT_VERSION 1)."""

@@ -152,3 +152,16 @@ def test_finalize_takes_the_bulk_records_from_the_units(tmp_path):
     writer.finalize()
     valid = open_reader(path).records()["valid"]
     assert valid[1000:].sum() == 0 and valid[:1000].sum() == (np.arange(1000) % 7 != 3).sum()
+
+
+def test_changed_mapped_record_column_is_found_by_the_unit_crcs(tmp_path):
+    path = metadata_cache(tmp_path, 300)
+    open_reader(path).check_records()
+    seeds = path / META_DIR / "records.seed.npy"
+    data = bytearray(seeds.read_bytes())
+    data[-8] ^= 1  # the last row's seed: mapped, so opening does not hash it
+    seeds.write_bytes(bytes(data))
+    reader = open_reader(path)
+    assert reader.records()["seed"][-1] != 1199
+    with pytest.raises(CacheError, match=r"records.seed.npy rows 1000-1199 do not match the CRC-32 unit 1's marker"):
+        reader.check_records()
