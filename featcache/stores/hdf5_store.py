@@ -9,6 +9,7 @@ Layout::
         /units              uint8 [num_units], contiguous: 1 where this file holds the unit (set after its rows)
         attrs: manifest (JSON, at creation)
     PATH/_featcache/units/unit-{u:06d}.json   completion markers; ``file`` names the part holding the unit
+    PATH/_featcache/meta/<name>.npy           sources and records in bulk arrays (docs/FORMAT.md, Metadata arrays)
 
 HDF5 files are not safe to append to from two processes, so every writer claims a fresh part file (a hard link of
 its fully laid-out temp file, which fails on a taken name) and earlier parts are only ever read. Rows of a unit

@@ -5,6 +5,7 @@ Layout::
     PATH/manifest.json                       the manifest (JSON)
     PATH/shard-{unit:06d}.tar                rows of one unit, written with webdataset's ShardWriter
     PATH/_featcache/units/unit-{u:06d}.json  completion markers
+    PATH/_featcache/meta/<name>.npy          sources and records in bulk arrays (docs/FORMAT.md, Metadata arrays)
     member  s{sample:09d}_v{view:04d}.<array>.npy[.zst|.blosc]   one stored array of one view
     member  s{sample:09d}_v{view:04d}.records.json               the view's records
 

@@ -5,7 +5,7 @@ Layout (see docs/FORMAT.md), all readable with plain ``zarr.open_group(path, mod
     OUT/zarr.json                 group; attributes {"featcache": manifest}
     OUT/<array>/                  one array per manifest["arrays"] entry, shape [rows, *shape],
                                   inner chunk = 1 row (one view), shard = shard_size rows (one unit)
-    OUT/records/<name>/           per-view records, chunk = one unit of rows, unsharded, uncompressed
+    OUT/records/<name>/           per-view records, chunk = one unit, unsharded, uncompressed; bulk: _featcache/meta/
     OUT/_featcache/zarr.json      a zero-length array (see below); its attributes say where the markers are
     OUT/_featcache/units/unit-{u:06d}.json   one JSON completion note per unit, written once unit u is durable
 
