@@ -40,7 +40,9 @@ class PackedItems(Sequence[SourceItem]):
     def __len__(self) -> int:
         return len(self.arrays[LABELS])
 
-    def __getitem__(self, i: int) -> SourceItem:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> SourceItem | list[SourceItem]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(f"item {i} out of range: the source has {len(self)} items")
         i %= len(self)

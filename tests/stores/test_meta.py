@@ -58,7 +58,7 @@ def test_packed_items_round_trip_non_ascii_and_empty(tmp_path):
         assert packed_file_list_sha256(packed) == file_list_sha256(items)
         specs = write_arrays(tmp_path, packed)
         back = PackedItems(MetaArrays(tmp_path, specs, tuple(specs)))
-        assert list(back) == items and len(back) == len(items)
+        assert list(back) == items and len(back) == len(items) and back[1:] == items[1:] and back[::-1] == items[::-1]
         check_packed(back.arrays, len(items), 1000, b"/#")
     assert all(np.load(p, allow_pickle=False).dtype != object for p in (tmp_path / META_DIR).iterdir())
 
