@@ -98,7 +98,9 @@ def _verify_options() -> list[click.Parameter]:
     return [default_option("--samples", VERIFY, "samples", type=int, help="Stored views to replay and recompute."),
             default_option("--seed", VERIFY, "seed", type=int, help="Seed of the random choice of views."),
             default_option("--device", VERIFY, "device", help="Device for the teacher."),
-            click.Option(["--data", "data_root"], help="Where the images live now [the root recorded in CACHE].")]
+            click.Option(["--data", "data_root"], help="Where the images live now [the root recorded in CACHE]."),
+            click.Option(["--checkpoint"], help="Where the teacher's checkpoint is now [the path recorded in CACHE]; "
+                                                "its weights hash is still checked.")]
 
 
 @main.command(build=_verify_options)

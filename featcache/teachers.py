@@ -124,14 +124,22 @@ def load_teacher(name: str, pretrained: bool = True, checkpoint: str | None = No
                    checkpoint=str(checkpoint) if checkpoint else None, autocast=autocast)
 
 
-def teacher_from_manifest(manifest: dict[str, Any], device: str | torch.device = "cpu") -> Teacher:
-    """Rebuild the exact teacher a cache was made with and check its weights hash."""
+def teacher_from_manifest(manifest: dict[str, Any], device: str | torch.device = "cpu",
+                          checkpoint: str | None = None) -> Teacher:
+    """Rebuild the exact teacher a cache was made with and check its weights hash.
+
+    Args:
+        checkpoint: where the recorded checkpoint is now, if it moved since extraction (its hash is still checked).
+    """
     t = manifest["teacher"]
-    teacher = load_teacher(t["name"], pretrained=t["pretrained"], checkpoint=t["checkpoint"],
+    teacher = load_teacher(t["name"], pretrained=t["pretrained"], checkpoint=checkpoint or t["checkpoint"],
                            img_size=manifest["img_size"], num_classes=t["num_classes"], device=device,
                            autocast=t.get("autocast"), **manifest.get("teacher_kwargs", {}))
     got = weights_sha256(teacher.model)
     if got != t["weights_sha256"]:
+        random_init = not t["pretrained"] and not t["checkpoint"]
         raise CompatError(f"teacher weights differ from the cache's (sha256 {got[:12]} != {t['weights_sha256'][:12]}); "
-                          "pass the same --checkpoint/--pretrained the cache was extracted with")
+                          + ("the cache's teacher is a random init, whose bits depend on the machine's kernels: "
+                             "extract from a saved --checkpoint to check a cache on another machine"
+                             if random_init else "pass the same --checkpoint/--pretrained the cache was extracted with"))
     return teacher

@@ -31,7 +31,7 @@ def verify_tolerance(encoding: Mapping[str, Any]) -> float:
 
 
 def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto", data_root: str | None = None,
-                 batch_size: int = 32) -> dict[str, Any]:
+                 batch_size: int = 32, checkpoint: str | None = None) -> dict[str, Any]:
     """Replay ``samples`` random stored views, re-run the teacher, compare with the cache.
 
     Args:
@@ -40,6 +40,7 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
         device: where the teacher runs (``auto``: cuda if available).
         data_root: where the source images are now, if they moved since extraction.
         batch_size: views per teacher forward.
+        checkpoint: where the teacher's checkpoint is now, if it moved since extraction.
 
     Returns:
         ``{"rows", "fingerprint_mismatches", "targets": {name: {max_abs, rel, tol, ok}}, "ok"}``; ``rel`` is
@@ -48,7 +49,7 @@ def verify_cache(path: str, samples: int = 8, seed: int = 0, device: str = "auto
     Raises:
         CacheError: when the cache's bulk records do not match its units' CRC-32s (checked first, in full).
     """
-    check = _Check.open(path, device, data_root)
+    check = _Check.open(path, device, data_root, checkpoint)
     check.reader.check_records()
     valid = np.flatnonzero(check.records["valid"] == 1)
     rows = np.sort(np.random.default_rng(seed).choice(valid, size=min(samples, len(valid)), replace=False))
@@ -71,10 +72,10 @@ class _Check:
     meter: ErrorMeter
 
     @classmethod
-    def open(cls, path: str, device: str, data_root: str | None) -> "_Check":
+    def open(cls, path: str, device: str, data_root: str | None, checkpoint: str | None) -> "_Check":
         reader = open_reader(path)
         m, dev = reader.manifest, resolve_device(device)
-        return cls(reader, teacher_from_manifest(m, device=dev), dev, source_from_manifest(m, root=data_root),
+        return cls(reader, teacher_from_manifest(m, device=dev, checkpoint=checkpoint), dev, source_from_manifest(m, root=data_root),
                    Recipe.from_dict(m["views"]["recipe"]), reader.records(), ErrorMeter(list(m["targets"])))
 
     def replay(self, row: int) -> torch.Tensor:

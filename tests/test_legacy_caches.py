@@ -1,7 +1,8 @@
 """Caches written by featcache v0.1 (before the re-layout) still open, verify and read, in every backend.
 
 ``tests/fixtures/v0_1`` holds one tiny extraction per backend (``tests/fixtures/make_v0_1_caches.py``: a random-init
-4-block ViT teacher, 6 images x 2 views, fp32, units of 4 rows) and the images it was made from. Each test works on
+4-block ViT teacher saved as ``teacher.safetensors``, 6 images x 2 views, fp32, units of 4 rows) and the images it was
+made from. Each test works on
 a copy, so nothing here can change the fixture.
 """
 from __future__ import annotations
@@ -71,7 +72,8 @@ def test_legacy_backends_hold_the_same_values(legacy):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_legacy_cache_verifies_against_its_images(legacy, fmt):
-    result = verify_cache(str(legacy / f"cache_{fmt}"), samples=12, device="cpu", data_root=str(legacy / "data"))
+    result = verify_cache(str(legacy / f"cache_{fmt}"), samples=12, device="cpu", data_root=str(legacy / "data"),
+                          checkpoint=str(legacy / "teacher.safetensors"))
     assert result["ok"] and len(result["rows"]) == 12 and not result["fingerprint_mismatches"], result
     assert all(t["rel"] < 1e-5 for t in result["targets"].values())
 

@@ -59,8 +59,21 @@ def test_teacher_from_manifest_rebuilds_and_checks_the_weights(vit):
     rebuilt = teacher_from_manifest(manifest)
     assert weights_sha256(rebuilt.model) == manifest["teacher"]["weights_sha256"]
     manifest["teacher"] = dict(manifest["teacher"], weights_sha256="0" * 64)
-    with pytest.raises(CompatError, match=r"teacher weights differ.*--checkpoint/--pretrained"):
+    with pytest.raises(CompatError, match=r"teacher weights differ.*random init.*extract from a saved --checkpoint"):
         teacher_from_manifest(manifest)
+
+
+def test_teacher_from_a_moved_checkpoint_is_checked_against_the_cache(vit, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in vit.model.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    manifest = {"teacher": dict(vit.manifest_entry(), checkpoint="gone/t.safetensors"), "img_size": 32,
+                "teacher_kwargs": {k: v for k, v in VIT.items() if k not in ("img_size", "num_classes")}}
+    rebuilt = teacher_from_manifest(manifest, checkpoint=str(tmp_path / "t.safetensors"))
+    assert weights_sha256(rebuilt.model) == manifest["teacher"]["weights_sha256"]
+    manifest["teacher"]["weights_sha256"] = "0" * 64
+    with pytest.raises(CompatError, match=r"teacher weights differ.*pass the same --checkpoint/--pretrained"):
+        teacher_from_manifest(manifest, checkpoint=str(tmp_path / "t.safetensors"))
 
 
 def test_teachers_do_not_import_the_methods():
