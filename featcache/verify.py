@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .extract import compute_targets
+from .extract_units import compute_targets
 from .manifest import Manifest
 from .models import resolve_device
 from .sources import ImageSource, source_from_manifest

@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("stores",),
     ("datasets", "streaming"),
     ("methods",),
-    ("compat", "build", "extract", "convert", "info", "verify"),
+    ("compat", "build", "extract", "extract_units", "convert", "info", "verify"),
     ("rundir",),
     ("progress", "trackers"),
     ("engine",),

@@ -120,12 +120,13 @@ _KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)  # like the parent test process, so the bytes can match
     import featcache.extract as ex
+    import featcache.extract_units as units
     from featcache.config import ExtractConfig
-    slow = ex.compute_targets
-    def compute_targets(*a, **k):  # slow the run down so the parent can kill it mid-way
+    slow = units.launch_targets  # every unit's forward goes through it
+    def launch_targets(*a, **k):  # slow the run down so the parent can kill it mid-way
         time.sleep(0.4)
         return slow(*a, **k)
-    ex.compute_targets = compute_targets
+    units.launch_targets = launch_targets
     ex.run_extract(ExtractConfig(data=sys.argv[1], out=sys.argv[2], teacher="deit3_small", pretrained=False,
                    img_size=32, layers=[0, 1, 11], views=2, shard_size=4, batch_size=4, workers=0, device="cpu",
                    dtype="fp32"), progress=False)
@@ -185,7 +186,7 @@ def test_skip_corrupt_records_and_reports(tmp_path):
 
 
 def test_fp16_range_check_suggests_bf16(folder, tmp_path, monkeypatch):
-    import featcache.extract as ex
+    import featcache.extract_units as ex
 
     real = ex.launch_targets  # the extraction loop queues its forwards through it
     monkeypatch.setattr(ex, "launch_targets", lambda *a, **k: {n: v * 1e5 for n, v in real(*a, **k).numpy().items()})

@@ -10,7 +10,8 @@ import torch
 
 from featcache.config import ExtractConfig
 from featcache.errors import CacheError
-from featcache.extract import HostTargets, compute_targets, iter_units, run_extract
+from featcache.extract import run_extract
+from featcache.extract_units import HostTargets, compute_targets, iter_units
 from featcache.stores import open_reader
 from featcache.teachers import exact_fp32, load_teacher, teacher_from_manifest
 from featcache.testing.caches import TINY_VIT_TEACHER

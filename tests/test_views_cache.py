@@ -114,12 +114,13 @@ _KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)  # like the parent test process, so the bytes can match
     import featcache.extract as ex
+    import featcache.extract_units as units
     from featcache.config import ExtractConfig
-    slow = ex.compute_targets
-    def compute_targets(*a, **k):  # slow the run down so the parent can kill it mid-way
+    slow = units.launch_targets  # every unit's forward goes through it
+    def launch_targets(*a, **k):  # slow the run down so the parent can kill it mid-way
         time.sleep(0.4)
         return slow(*a, **k)
-    ex.compute_targets = compute_targets
+    units.launch_targets = launch_targets
     ex.run_extract(ExtractConfig(**json.loads(sys.argv[1])), progress=False)
 """)
 
