@@ -197,6 +197,9 @@ def use_stream(cfg: TrainConfig, reader: Any) -> bool:
 
     remote_wds = reader.manifest["storage"]["format"] == "wds" and not is_local(reader.path)
     stream = cfg.stream if cfg.stream is not None else remote_wds and not cfg.fresh_views
+    if stream and cfg.labelled_only:
+        raise ConfigError("--stream reads whole shards, every sample of them, so it cannot keep the labelled samples "
+                          "only; pass --no-stream with --labelled-only")
     if stream and cfg.grad_accum > 1:
         raise ConfigError(f"--stream with --grad-accum {cfg.grad_accum} is not supported; pass --no-stream (random "
                           "access) or --grad-accum 1")
@@ -220,7 +223,7 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode:
                                 fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher,
                                 num_classes=_num_classes(cfg, manifest), label_smoothing=cfg.label_smoothing,
                                 fresh_views=cfg.fresh_views, max_views=_max_views(cfg, manifest),
-                                decode=decode)
+                                decode=decode, labelled_only=cfg.labelled_only)
     if stream:
         from .streaming import StreamedViews
 

@@ -191,6 +191,11 @@ class TrainConfig:
     label_smoothing: float = setting(0.1, "Of the label cross-entropy.")
     ce_weight: float | None = setting(None, "Label CE weight [the methods' default].")  # label-free methods: 0
     label_shots: int | None = setting(None, "Keep labels for this many samples per class [all].")
+    # A supervised baseline over all samples gets gradient from its few labelled ones only: this gives it as many
+    # labelled steps as a distilled run gets steps, so the comparison is one of targets, not of optimisation.
+    labelled_only: bool = setting(False, "Train on the labelled samples only (--label-shots), drawn again and again "
+                                         "so an epoch has as many items (and steps) as one over every cached sample; "
+                                         "each pass over them takes the next view.")
     view_policy: str = setting("cycle", "cycle: view = (epoch + per-sample offset) mod K; random: uniform per epoch "
                                         "and sample.", choices="featcache.datasets:VIEW_POLICIES")
     max_views: int | None = setting(None, "Use only the first K stored views of each sample: the views a K-view "
@@ -261,6 +266,9 @@ class TrainConfig:
                               "--fresh-views draws new views with the cache's recipe")
         if self.max_views is not None and self.max_views < 1:
             raise ConfigError(f"--max-views must be >= 1, got {self.max_views}")
+        if self.labelled_only and self.label_shots is None:
+            raise ConfigError("--labelled-only needs --label-shots N: without it every sample is labelled, so there is "
+                              "nothing to leave out (drop --labelled-only)")
         if self.fresh_views and not self.online_teacher:
             raise ConfigError("--fresh-views needs --online-teacher: the cache holds targets only for its stored "
                               "views, so new views need the teacher to run on them")

@@ -143,6 +143,11 @@ class CachedViewDataset(Dataset):
         label_smoothing: smoothing of those soft targets (a mixed recipe's labels are timm's ``mixup_target``).
         fresh_views: draw a new view per epoch (`fresh_view_seed`) instead of replaying a stored one; no targets.
         max_views: use only stored views ``0 .. max_views - 1`` of each sample (``None``: all).
+        labelled_only: keep only the labelled samples, repeated so that an epoch has as many items as there are
+            samples in the cache (the same optimizer steps as a run over all of them); pass ``p`` of epoch ``e``
+            over them uses the views of epoch ``e * passes + p``, so every pass takes the next view.
+        keep_decoded: keep every decoded source image in memory after its first load (in each loader process), so
+            later epochs only replay views; for image sets small enough to hold decoded.
         decode: ``workers``: items carry decoded float32 ``targets``; ``device``: items carry the ``stored`` arrays
             as read (compact: fp16, int8, pca bytes), for the training loop to decode on its device.
     """
@@ -151,7 +156,7 @@ class CachedViewDataset(Dataset):
                  view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
                  fingerprint_checks: int | None = None, with_targets: bool = True, num_classes: int | None = None,
                  label_smoothing: float = 0.0, fresh_views: bool = False, max_views: int | None = None,
-                 decode: str = "workers"):
+                 decode: str = "workers", labelled_only: bool = False, keep_decoded: bool = False):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
         if recipe.mix is not None and not num_classes:
@@ -168,14 +173,15 @@ class CachedViewDataset(Dataset):
         self.num_classes, self.label_smoothing, self.fresh_views = num_classes, label_smoothing, fresh_views
         self.views = reader.manifest.views_per_sample
         self.used_views = min(self.views, max_views or self.views)
-        self.label_shots = label_shots
+        self.label_shots, self.labelled_only = label_shots, labelled_only
+        self.decoded: dict[int, torch.Tensor] | None = {} if keep_decoded else None
         self.drift = environment_drift(reader.manifest.get("versions", {}))
         self._index()
         self.set_epoch(0)
 
     # Per-sample bookkeeping: numpy arrays over the cache's records, rebuilt (cheaply, from the mapped records) in
     # each process instead of pickled: a DataLoader worker receives the reader and the source by reference only.
-    _derived = ("_valid", "samples", "labels", "sample_labels")
+    _derived = ("_valid", "samples", "labels", "sample_labels", "epoch_items")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._derived}
@@ -188,10 +194,13 @@ class CachedViewDataset(Dataset):
 
     def _index(self) -> None:
         valid = np.asarray(self.reader.records()["valid"]).reshape(-1, self.views)[:, :self.used_views] != 0
-        self.samples = np.flatnonzero(valid.any(axis=1))
-        self._valid = valid
-        labels = self.source.label_array()[self.samples]  # a view's recorded label is its image's
-        self.labels = np.where(labelled_mask(labels, self.label_shots), labels, -1)
+        samples = np.flatnonzero(valid.any(axis=1))
+        labels = self.source.label_array()[samples]  # a view's recorded label is its image's
+        labels = np.where(labelled_mask(labels, self.label_shots), labels, -1)
+        self.epoch_items = len(samples)  # items per epoch: the cache's samples, whichever are kept
+        if self.labelled_only:
+            samples, labels = _labelled(samples, labels)
+        self._valid, self.samples, self.labels = valid, samples, labels
         self.sample_labels = np.full(len(self.source), -1, dtype=np.int64)  # by sample position: a partner's label
         self.sample_labels[self.samples] = self.labels
 
@@ -204,22 +213,34 @@ class CachedViewDataset(Dataset):
     def fingerprints(self) -> np.ndarray:
         return self.reader.records()["fingerprint"]
 
-    def rows_of(self, index: int) -> np.ndarray:
-        """The valid rows of item ``index``'s sample (``row = sample * K + view``)."""
-        sample = int(self.samples[index])
+    def rows_of(self, position: int) -> np.ndarray:
+        """The valid rows of the sample at ``position`` of :attr:`samples` (``row = sample * K + view``)."""
+        sample = int(self.samples[position])
         return np.flatnonzero(self._valid[sample]) + sample * self.views
 
+    @property
+    def passes(self) -> int:
+        """Passes over the kept samples per epoch (1 unless ``--labelled-only`` dropped some)."""
+        return -(-self.epoch_items // len(self.samples))
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.epoch_items
 
     def set_epoch(self, epoch: int) -> None:
         """Select the views of ``epoch`` and the items whose fingerprint is checked this epoch."""
         self.epoch = int(epoch)
         self.checked = checked_items(self.fingerprint_checks, len(self), [self.seed, self.epoch, 0xF1])
 
+    def locate(self, index: int) -> tuple[int, int]:
+        """Item ``index`` of the epoch -> (kept sample position, the view epoch its pass uses)."""
+        kept = len(self.samples)
+        return index % kept, self.epoch * self.passes + index // kept
+
     def row_of(self, index: int) -> int:
         """The cache row (stored view) item ``index`` uses in the current epoch."""
-        return choose_view(self.view_policy, self.rows_of(index), self.epoch, int(self.samples[index]), self.seed)
+        position, view_epoch = self.locate(index)
+        return choose_view(self.view_policy, self.rows_of(position), view_epoch, int(self.samples[position]),
+                           self.seed)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.fresh_views:
@@ -229,7 +250,7 @@ class CachedViewDataset(Dataset):
     def item(self, index: int, row: int, stored: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Item ``index`` from cache row ``row``; its ``stored`` arrays when the caller read them already (a
         stream of whole shards, :mod:`featcache.streaming`), else they are read here."""
-        sample = int(self.samples[index])
+        sample = int(self.samples[self.locate(index)[0]])
         params = np.asarray(self.params[row])
         partner = self.recipe.partner_of(params)  # a mixed view: its partner's image is replayed too
         image = replay(self.load(sample, row), self.recipe, params,
@@ -250,29 +271,38 @@ class CachedViewDataset(Dataset):
     def load(self, sample: int, row: int) -> torch.Tensor:
         """The decoded source image of ``sample``; a file that no longer decodes is named with its cache row."""
         try:
-            return self.source.load(sample)
+            return self.image(sample)
         except DecodeError as err:
             raise DecodeError(err.path or self.source.path_of(sample), err.reason or str(err), err.relpath,
                               fix=f"cache row {row} was extracted from it, so it changed since extraction or --data "
                                   "points at another copy of the images; restore the file, or re-extract the cache"
                               ) from None
 
+    def image(self, sample: int) -> torch.Tensor:
+        """The decoded source image of ``sample``, decoded once per process with ``keep_decoded``."""
+        if self.decoded is None:
+            return self.source.load(sample)
+        if sample not in self.decoded:
+            self.decoded[sample] = self.source.load(sample)
+        return self.decoded[sample]
+
     def fresh_item(self, index: int) -> dict[str, Any]:
         """``--fresh-views``: a view drawn for this epoch from ``(seed, epoch, sample)`` with the cache's recipe."""
-        sample = self.samples[index]
-        view = draw_view(self.source.load(sample), self.recipe, fresh_view_seed(self.seed, self.epoch, sample), sample,
-                         len(self.source), self.source.load)
+        position, view_epoch = self.locate(index)
+        sample = int(self.samples[position])
+        view = draw_view(self.image(sample), self.recipe, fresh_view_seed(self.seed, view_epoch, sample), sample,
+                         len(self.source), self.image)
         return {"image": view.image, "label": self.label(index, view.params), "row": -1, "sample": sample}
 
     def label(self, index: int, params: np.ndarray) -> int | torch.Tensor:
         """The hard label of item ``index``, or for a mixed recipe the lambda-mixed smoothed one-hot of its view."""
+        label = int(self.labels[self.locate(index)[0]])
         if self.recipe.mix is None:
-            return int(self.labels[index])
+            return label
         _, mix, _ = self.recipe.split(params)
         partner = self.recipe.partner_of(params)
         partner_label = -1 if partner is None else int(self.sample_labels[partner])
-        return mix_target(int(self.labels[index]), partner_label, float(mix[1]), self.num_classes,
-                          self.label_smoothing)
+        return mix_target(label, partner_label, float(mix[1]), self.num_classes, self.label_smoothing)
 
     def check_fingerprint(self, sample: int, row: int, image: torch.Tensor) -> None:
         """Raise :class:`ReplayDriftError` if the replayed ``image`` is not the view the teacher saw."""
@@ -284,6 +314,14 @@ class CachedViewDataset(Dataset):
             f"{got:#010x}, but the cache stored {stored:#010x}: the student would not see the input the teacher saw. "
             f"Likely cause: {drift_cause(self.drift)}. Restore the original file or environment (--data DIR points "
             "training at another copy of the images), or re-extract the cache.")
+
+
+def _labelled(samples: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``--labelled-only``: the samples that kept their label (``labels >= 0``), and those labels."""
+    keep = labels >= 0
+    if not keep.any():
+        raise ConfigError("--labelled-only: no sample of the cache is labelled; pass --label-shots >= 1")
+    return samples[keep], labels[keep]
 
 
 def checked_items(checks: int | None, n: int, seed: Sequence[int]) -> set[int] | None:

@@ -88,6 +88,22 @@ def test_items_replay_the_stored_view_with_its_targets(cache):
     assert labels.count(-1) == len(ds) - 3 and sorted(x for x in labels if x >= 0) == [0, 1, 2]
 
 
+def test_labelled_only_repeats_the_labelled_samples_to_a_full_epoch_with_the_next_view_each_pass(cache):
+    everything, only = dataset(cache, label_shots=1), dataset(cache, label_shots=1, labelled_only=True)
+    assert len(only) == len(everything) == 9, "an epoch keeps its length, so a run keeps its steps"
+    labelled = {everything[i]["sample"] for i in range(len(everything)) if everything[i]["label"] >= 0}
+    items = [only[i] for i in range(len(only))]
+    assert {it["sample"] for it in items} == labelled and all(it["label"] >= 0 for it in items)
+    assert only.passes == 3
+    for sample in labelled:  # 3 passes over 3 valid views (cycle policy): each pass takes the next view
+        rows = [it["row"] for it in items if it["sample"] == sample]
+        assert len(rows) == 3 and len(set(rows)) == 3
+    only.set_epoch(1)
+    assert only.row_of(0) == choose_view("cycle", only.rows_of[0], 1 * 3 + 0, only.samples[0], seed=0)
+    with pytest.raises(ConfigError, match="no sample of the cache is labelled"):
+        dataset(cache, label_shots=0, labelled_only=True)
+
+
 def test_online_items_carry_no_targets(cache):
     item = dataset(cache, with_targets=False)[0]
     assert "targets" not in item and item["image"].shape == (3, 32, 32)
