@@ -223,21 +223,27 @@ def report(runs_dir: str, out: str | None) -> None:
 def _demo_options() -> list[click.Parameter]:
     return [default_option("--out", "featcache.demo:DemoConfig", "out", type=click.Path(file_okay=False),
                            help="Working directory (digits images, teacher, cache, runs, report)."),
+            default_option("--seeds", "featcache.demo:DemoConfig", "seeds", type=click.IntRange(min=1),
+                           help="Student runs per method (seeds 0..N-1): the table reports the mean and the range "
+                                "over them, and a gap counts only when it exceeds the range."),
             click.Option(["--quick"], is_flag=True,
                          help="A tiny version (a minute or two) that exercises every stage."),
             click.Option(["--jobs"], type=click.IntRange(min=1),
-                         help="Student trainings at once, one torch thread each [the number of CPU cores, at most 4].")]
+                         help="Student trainings at once, one torch thread each [the number of CPU cores, at most 4]."),
+            ]
 
 
 @main.command(build=_demo_options)
-def demo(out: str, quick: bool, jobs: int | None) -> None:
+def demo(out: str, seeds: int, quick: bool, jobs: int | None) -> None:
     """Teacher once, many students: the whole pipeline on scikit-learn's digits, no download needed.
 
-    Trains a small ViT teacher on the digits (or reuses it), extracts its features for several views of
-    every training image once, trains CE / KD / NKD / ViTKD / ViTKD+NKD / online-teacher KD / WeCoLoRA
-    students from that one cache with 10 labels per class, and prints the report with a verdict computed
-    from the measured numbers. 3-5 minutes on 2 CPU cores (measured 2 min 49 s and 4 min 17 s on a shared box,
-    2-3x longer under heavy load). Re-running reuses the teacher, the cache and finished runs.
+    Trains a small ViT teacher on the digits (or reuses it), extracts its features for several views of every
+    training image once, trains students 5x cheaper than the teacher from that one cache with 5 labels per class
+    (a labelled-only CE baseline with as many steps, KD, NKD, ViTKD, ViTKD+NKD, WeCoLoRA, and KD with the teacher
+    online, on the cached views and on fresh views every epoch), times KD from the cache against KD with the teacher
+    online, and prints the report with a verdict computed from the measured numbers. About 5 minutes on 2 CPU cores
+    with --seeds 1 (docs/SWEEPS.md has the measured times). Re-running reuses the teacher, the cache, finished runs
+    and the timing.
     """
     import os
 
@@ -245,7 +251,7 @@ def demo(out: str, quick: bool, jobs: int | None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig.quick(out) if quick else DemoConfig(out=out), jobs=jobs)
+    result = run_demo(DemoConfig.quick(out, seeds) if quick else DemoConfig(out=out, seeds=seeds), jobs=jobs)
     if result["failed"]:
         raise click.ClickException(f"{len(result['failed'])} demo run(s) failed: {sorted(result['failed'])}")
 

@@ -1,8 +1,10 @@
 """The embedded demo as a pipeline script (the same as ``featcache demo``): digits -> teacher -> one cache ->
-sweep (CE-only, KD, NKD, ViTKD, ViTKD+NKD, online-teacher KD) -> report with an honest verdict.
+sweep (labelled-only CE, KD, NKD, ViTKD, ViTKD+NKD, online-teacher KD, WeCoLoRA) -> timing -> report with a
+verdict computed from the mean and range over seeds.
 
-    python pipelines/demo.py --out featcache_demo          # about 10 minutes on 2 CPU cores
-    python pipelines/demo.py --quick --out /tmp/demo_quick  # every stage, tiny sizes
+    python pipelines/demo.py --out featcache_demo            # about 5 minutes on 2 CPU cores
+    python pipelines/demo.py --seeds 3 --out featcache_demo  # every student run for 3 seeds
+    python pipelines/demo.py --quick --out /tmp/demo_quick    # every stage, tiny sizes
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="featcache_demo", help="working directory (default featcache_demo)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks every stage in a minute or two")
+    p.add_argument("--seeds", type=int, default=1, help="student runs per method (default 1)")
     p.add_argument("--jobs", type=int, default=None, help="student trainings at once (default: cores, at most 4)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin
     from featcache.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out), jobs=args.jobs)
+    cfg = DemoConfig.quick(args.out, args.seeds) if args.quick else DemoConfig(out=args.out, seeds=args.seeds)
+    result = run_demo(cfg, jobs=args.jobs)
     return 1 if result["failed"] else 0
 
 

@@ -1,0 +1,136 @@
+"""What the cache saves: forward FLOPs of teacher and student, and KD from the cache against KD with the teacher
+online, timed one training at a time with the same torch threads, next to the ideal speedup.
+
+The ideal is (teacher forward + student step) / student step on one batch: what dropping the teacher's forward
+saves when nothing else costs anything. The measured speedup is the online training's time over the cached one's;
+both replay the same views from the same images, so their data cost is common to both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .config import MODEL, DemoConfig
+from .runs import base_fields
+
+TIMING_FILE = "timing.json"
+
+
+def forward_flops(model: torch.nn.Module, img_size: int) -> int:
+    """FLOPs of one image's forward pass, counted by torch's FlopCounterMode (a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, img_size, img_size))
+    return int(counter.get_total_flops())
+
+
+def model_flops(cfg: DemoConfig) -> dict[str, int]:
+    """Forward FLOPs per image of the demo's teacher and (from-scratch) student."""
+    from ..models import load_model
+    from .teacher import build_teacher
+
+    student = load_model(MODEL, pretrained=False, img_size=cfg.img_size, num_classes=10, **cfg.student_kwargs())
+    return {"teacher": forward_flops(build_teacher(cfg), cfg.img_size),
+            "student": forward_flops(student, cfg.img_size)}
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def kd_config(cfg: DemoConfig, out: Path, run_dir: Path, online: bool) -> Any:
+    """The demo's KD run, cut to ``timing_steps`` steps, without evaluation; the teacher online when asked."""
+    from ..config import TrainConfig, from_dict
+
+    values = {**base_fields(cfg, out), "cache": str(out / "cache"), "out": str(run_dir), "method": "kd",
+              "method_args": {"temperature": 2.0}, "val": None, "max_steps": cfg.timing_steps,
+              "online_teacher": online, "quiet": True}
+    return from_dict(TrainConfig, values)
+
+
+def _seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn`` after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_costs(cfg: DemoConfig, out: Path, repeats: int = 15) -> dict[str, float]:
+    """Seconds of one teacher forward (as ``--online-teacher`` runs it) and one student step (KD from the cache, as
+    the training runs it) on the same batch."""
+    from .. import engine
+    from ..build import OnlineTargets
+    from ..progress import Meter
+    from ..stores import open_reader
+
+    scratch = out / "timing" / "step_costs"
+    shutil.rmtree(scratch, ignore_errors=True)
+    run = engine.setup(kd_config(cfg, out, scratch, online=False), scratch)
+    batch = next(iter(run.train_loader))
+    teacher = OnlineTargets(open_reader(str(out / "cache")).manifest, ["logits"], torch.device("cpu"))
+    run.task.train()
+    student = _seconds(lambda: engine.train_step(run, batch, Meter()), repeats)
+    with torch.no_grad():
+        forward = _seconds(lambda: teacher(batch["image"]), repeats)
+    run.accelerator.end_training()
+    return {"teacher_forward_s": forward, "student_step_s": student, "batch": len(batch["label"])}
+
+
+def timed_trainings(cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time cached and online-teacher KD one after the other (same threads, nothing else training); reuse the
+    numbers of an earlier demo with the same settings."""
+    from .. import engine
+    from ..config import to_dict
+
+    saved = out / "timing" / TIMING_FILE
+    settings = {"cached": to_dict(kd_config(cfg, out, out / "timing" / "kd-cached", online=False)),
+                "threads": cfg.threads}
+    if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
+        log(f"timing: reusing {saved}")
+        return json.loads(saved.read_text())
+    result: dict[str, Any] = {"settings": settings, "threads": cfg.threads, "steps": cfg.timing_steps}
+    with torch_threads(cfg.threads):
+        result.update(step_costs(cfg, out))
+        for name, online in (("cached", False), ("online", True)):
+            run_dir = out / "timing" / f"kd-{name}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # an earlier demo's, with other settings: timed again
+            final = engine.train(dataclasses.replace(kd_config(cfg, out, run_dir, online), resume=False))
+            result[f"{name}_s"] = final["train_time_s"]
+            log(f"timing: KD {name}: {final['train_time_s']:.1f} s for {cfg.timing_steps} steps")
+    saved.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def speedup_lines(timing: dict[str, Any], flops: dict[str, int]) -> list[str]:
+    """The report's lines: FLOPs of both models, measured and ideal speedup and their ratio."""
+    measured = timing["online_s"] / timing["cached_s"]
+    ideal = (timing["teacher_forward_s"] + timing["student_step_s"]) / timing["student_step_s"]
+    return [f"forward FLOPs per image: teacher {flops['teacher'] / 1e6:.1f} M, student {flops['student'] / 1e6:.1f} M "
+            f"({flops['teacher'] / flops['student']:.1f}x)",
+            f"timing ({timing['steps']} KD steps each, one at a time, {timing['threads']} torch thread(s)): online "
+            f"teacher {timing['online_s']:.1f} s, from the cache {timing['cached_s']:.1f} s: speedup "
+            f"{measured:.2f}x; ideal (teacher forward {timing['teacher_forward_s'] * 1e3:.1f} ms + student step "
+            f"{timing['student_step_s'] * 1e3:.1f} ms) / student step = {ideal:.2f}x; measured / ideal = "
+            f"{measured / ideal:.2f}"]
