@@ -223,7 +223,7 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode:
                                 fingerprint_checks=cfg.fingerprint_checks, with_targets=not cfg.online_teacher,
                                 num_classes=_num_classes(cfg, manifest), label_smoothing=cfg.label_smoothing,
                                 fresh_views=cfg.fresh_views, max_views=_max_views(cfg, manifest),
-                                decode=decode, labelled_only=cfg.labelled_only)
+                                decode=decode, labelled_only=cfg.labelled_only, keep_decoded=cfg.keep_decoded)
     if stream:
         from .streaming import StreamedViews
 

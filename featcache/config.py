@@ -200,6 +200,9 @@ class TrainConfig:
                                         "and sample.", choices="featcache.datasets:VIEW_POLICIES")
     max_views: int | None = setting(None, "Use only the first K stored views of each sample: the views a K-view "
                                           "extraction writes (views are f(seed, sample, view)) [all].")
+    keep_decoded: bool = setting(False, "Keep every decoded source image in memory after its first load (in each "
+                                        "loader process): later epochs only replay the views. For image sets that "
+                                        "fit in memory decoded, where decoding dominates a small model's step.")
     fingerprint_checks: int | None = setting(None, "Check only a seeded sample of this many replayed views per "
                                                    "epoch against their stored fingerprint (0: none) [every view].")
     online_teacher: bool = setting(False, "Compute the targets with the live teacher on the same replayed views "

@@ -270,3 +270,17 @@ def test_eval_folder_decode_errors_name_the_val_fix(tmp_path):
     with pytest.raises(DecodeError, match=r"img_1\.png: the file is empty.*--val folder") as info:
         ds[1]
     assert "--skip-corrupt" not in str(info.value)
+
+
+def test_keep_decoded_decodes_each_image_once_and_replays_the_same_views(cache):
+    plain, kept = dataset(cache, label_shots=1), dataset(cache, label_shots=1, keep_decoded=True)
+    loads = []
+    load = kept.source.load
+    kept.source.load = lambda i: loads.append(i) or load(i)
+    for epoch in range(2):
+        plain.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        for i in range(len(kept)):
+            a, b = plain[i], kept[i]
+            assert a["row"] == b["row"] and torch.equal(a["image"], b["image"])
+    assert sorted(loads) == sorted(set(kept.samples)), "every source image decoded once over two epochs"

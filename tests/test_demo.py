@@ -100,11 +100,13 @@ def test_labelled_only_needs_label_shots():
 
 def test_speedup_lines_report_measured_and_ideal():
     timing = {"online_s": 18.0, "cached_s": 10.0, "teacher_forward_s": 0.008, "student_step_s": 0.010,
-              "steps": 80, "threads": 1}
+              "fetch_s": 0.004, "update_s": 0.006, "steps": 80, "threads": 1}
     lines = speedup_lines(timing, {"teacher": 15_600_000, "student": 3_100_000})
     assert lines[0] == "forward FLOPs per image: teacher 15.6 M, student 3.1 M (5.0x)"
-    assert "speedup 1.80x; ideal (teacher forward 8.0 ms + student step 10.0 ms) / student step = 1.80x" in lines[1]
-    assert lines[1].endswith("measured / ideal = 1.00")
+    assert lines[1].endswith("online teacher 18.0 s, from the cache 10.0 s: speedup 1.80x")
+    assert "(teacher forward 8.0 ms + student step 10.0 ms [batch fetch 4.0 + update 6.0]) / student step = 1.80x" \
+        in lines[2]
+    assert "measured / ideal = 1.00 (compute only, views for free: 2.33x)" in lines[2]
 
 
 @pytest.mark.slow
