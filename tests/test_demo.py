@@ -77,9 +77,10 @@ def test_the_teacher_costs_at_least_4x_the_student_forward():
 def test_every_run_has_the_same_steps_and_only_the_baseline_grid_sees_heldout(tmp_path):
     from featcache.sweep import expand_runs
 
-    cfg = DemoConfig(seeds=2)
+    cfg = DemoConfig(seeds=2, online_kd=True)
     plans = {p.name: p.config for p in expand_runs(demo_spec(cfg, tmp_path, tmp_path / "teacher.safetensors"))}
-    assert {(c.epochs, c.batch_size, c.label_shots, c.max_steps) for c in plans.values()} == {(25, 32, 5, None)}
+    want = {(cfg.epochs, cfg.batch_size, cfg.label_shots, None)}
+    assert {(c.epochs, c.batch_size, c.label_shots, c.max_steps) for c in plans.values()} == want
     ce = {n: c for n, c in plans.items() if c.method == "ce"}
     assert len(ce) == 6 and all(c.labelled_only and c.val.endswith("heldout") for c in ce.values())
     assert all(not c.labelled_only and c.val.endswith("test") for n, c in plans.items() if n not in ce)
@@ -87,8 +88,8 @@ def test_every_run_has_the_same_steps_and_only_the_baseline_grid_sees_heldout(tm
 
 
 def test_seeded_runs_repeat_every_method():
-    names = [r["name"] for r in seeded_runs(DemoConfig(seeds=3))]
-    methods = {r["name"] for r in demo_runs(DemoConfig())}
+    names = [r["name"] for r in seeded_runs(DemoConfig(seeds=3, online_kd=True))]
+    methods = {r["name"] for r in demo_runs(DemoConfig(online_kd=True))}
     assert {"kd", "nkd", "vitkd", "vitkd+nkd", "kd-online", "kd-fresh-online", "wecolora"} <= methods
     assert len(names) == 3 * len(methods) - 2 and "nkd,seed=2" in names
 
@@ -100,13 +101,14 @@ def test_labelled_only_needs_label_shots():
 
 def test_speedup_lines_report_measured_and_ideal():
     timing = {"online_s": 18.0, "cached_s": 10.0, "teacher_forward_s": 0.008, "student_step_s": 0.010,
-              "fetch_s": 0.004, "update_s": 0.006, "steps": 80, "threads": 1}
+              "fetch_s": 0.004, "update_s": 0.006, "steps": 80, "threads": 1, "parity_max_abs_diff": 0.0}
     lines = speedup_lines(timing, {"teacher": 15_600_000, "student": 3_100_000})
     assert lines[0] == "forward FLOPs per image: teacher 15.6 M, student 3.1 M (5.0x)"
     assert lines[1].endswith("online teacher 18.0 s, from the cache 10.0 s: speedup 1.80x")
     assert "(teacher forward 8.0 ms + student step 10.0 ms [batch fetch 4.0 + update 6.0]) / student step = 1.80x" \
         in lines[2]
     assert "measured / ideal = 1.00 (compute only, views for free: 2.33x)" in lines[2]
+    assert "differ by at most 0 in any weight (identical" in lines[3]
 
 
 @pytest.mark.slow
@@ -128,6 +130,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert again.exit_code == 0, again.output
     assert "teacher: reusing" in again.output and "cache complete: the teacher will not be run" in again.output
     assert "nothing to train: every run is finished" in again.output and "timing: reusing" in again.output
+    assert "parity: the two timed students differ by at most 0 in any weight (identical" in again.output
 
 
 def test_commands_have_help():

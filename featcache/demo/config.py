@@ -12,8 +12,9 @@ class DemoConfig:
     """Sizes and schedules of the demo (defaults: about 5 minutes on 2 CPU cores, docs/SWEEPS.md says why each).
 
     The teacher (4 blocks, width 96) costs 5x the student's forward FLOPs (3 blocks, width 48, average-pooled
-    tokens), so reading its targets from the cache saves real compute. Students train 25 epochs at batch 32 with a
-    warm-up + cosine schedule: their test top-1 has stopped rising by then. 5 labels per class: the setting the
+    tokens), so reading its targets from the cache saves real compute. The teacher trains 70 epochs (35 left it at
+    85 % test top-1, 70 reach 96.7 %). Students train 40 epochs at batch 32, lr 1e-3 (3e-3 and 1e-2 trained KD
+    worse), with a warm-up + cosine schedule: their test top-1 has stopped rising by then. 5 labels per class: the setting the
     few-shot distillation methods are for (with 10 the labelled-only baseline already matched logit KD).
     """
 
@@ -40,8 +41,10 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_epochs: float = 2.0
-    ce_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the labelled-only baseline's grid, scored on heldout/
-    online_kd: bool = True
+    ce_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # the labelled-only baseline's grid, scored on heldout/
+    # A full KD run with the teacher online on the cached views (the parity row). Off by default: the timing stage
+    # already trains both ways on the same steps and checks that the two students come out identical.
+    online_kd: bool = False
     timing_steps: int = 80  # optimizer steps of each timed training (about two epochs)
     threads: int = 1  # torch threads of every training and of the timing stage
     max_train: int | None = None  # cap on train images (the quick demo)
@@ -51,7 +54,7 @@ class DemoConfig:
     def quick(cls, out: str = "featcache_demo_quick", seeds: int = 1) -> "DemoConfig":
         """A tiny demo exercising every stage in a minute or two (numbers mean nothing)."""
         return cls(out=out, seeds=seeds, teacher_epochs=2, views=2, epochs=1, max_train=200, label_shots=5,
-                   ce_lrs=(1e-3, 3e-3), timing_steps=3, train_kwargs={"max_steps": 3, "fingerprint_checks": 2})
+                   ce_lrs=(1e-3, 3e-3), timing_steps=3, online_kd=True, train_kwargs={"max_steps": 3, "fingerprint_checks": 2})
 
     @property
     def student_seeds(self) -> list[int]:

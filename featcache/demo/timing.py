@@ -79,6 +79,20 @@ def _seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _cycling(loader: Any) -> Callable[[], Any]:
+    """A function returning the loader's next batch, starting the loader again when an epoch runs out."""
+    batches = iter(loader)
+
+    def fetch_next() -> Any:
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+    return fetch_next
+
+
 def step_costs(cfg: DemoConfig, out: Path, repeats: int = 15) -> dict[str, float]:
     """Seconds of one teacher forward (as ``--online-teacher`` runs it), one batch fetch and one student update (KD
     from the cache, as the training runs them) on batches of the run's size."""
@@ -90,12 +104,12 @@ def step_costs(cfg: DemoConfig, out: Path, repeats: int = 15) -> dict[str, float
     scratch = out / "timing" / "step_costs"
     shutil.rmtree(scratch, ignore_errors=True)
     run = engine.setup(kd_config(cfg, out, scratch, online=False), scratch)
-    batches = iter(run.train_loader)
-    batch = next(batches)
+    fetch_next = _cycling(run.train_loader)
+    batch = fetch_next()
     teacher = OnlineTargets(open_reader(str(out / "cache")).manifest, ["logits"], torch.device("cpu"))
     run.task.train()
     update = _seconds(lambda: engine.train_step(run, batch, Meter()), repeats)
-    fetch = _seconds(lambda: next(batches), repeats)
+    fetch = _seconds(fetch_next, repeats)
     with torch.no_grad():
         forward = _seconds(lambda: teacher(batch["image"]), repeats)
     run.accelerator.end_training()
@@ -126,8 +140,21 @@ def timed_trainings(cfg: DemoConfig, out: Path, log: Callable[[str], None] = pri
                 seconds = engine.train(kd_config(cfg, out, run_dir, online))["train_time_s"]
                 result[f"{name}_s"] = min(seconds, result.get(f"{name}_s", seconds))
                 log(f"timing: KD {name}: {seconds:.1f} s for {cfg.timing_steps} steps")
+    result["parity_max_abs_diff"] = weights_difference(out / "timing" / "kd-cached", out / "timing" / "kd-online")
     saved.write_text(json.dumps(result, indent=1))
     return result
+
+
+def weights_difference(run_a: Path, run_b: Path) -> float:
+    """The largest absolute difference between two runs' exported student weights (0.0: identical)."""
+    from safetensors.torch import load_file
+
+    from .. import rundir
+
+    a, b = (load_file(str(rundir.student_weights(run))) for run in (run_a, run_b))
+    if a.keys() != b.keys():
+        raise ValueError(f"{run_a} and {run_b} exported different parameters")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def speedup_lines(timing: dict[str, Any], flops: dict[str, int]) -> list[str]:
@@ -141,7 +168,10 @@ def speedup_lines(timing: dict[str, Any], flops: dict[str, int]) -> list[str]:
             f"speedup {measured:.2f}x",
             f"  ideal = (teacher forward {ms['teacher_forward_s']:.1f} ms + student step {ms['student_step_s']:.1f} ms "
             f"[batch fetch {ms['fetch_s']:.1f} + update {ms['update_s']:.1f}]) / student step = {ideal:.2f}x; "
-            f"measured / ideal = {measured / ideal:.2f} (compute only, views for free: {compute_only:.2f}x)"]
+            f"measured / ideal = {measured / ideal:.2f} (compute only, views for free: {compute_only:.2f}x)",
+            f"  parity: the two timed students differ by at most {timing['parity_max_abs_diff']:.3g} in any weight "
+            f"({'identical' if timing['parity_max_abs_diff'] == 0 else 'not identical'}: the cache holds what the "
+            "teacher computes on the replayed views)"]
 
 
 def speedups(timing: dict[str, Any]) -> tuple[float, float, float]:
