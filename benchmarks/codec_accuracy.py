@@ -2,11 +2,11 @@
 
 Steps (CPU; nothing is downloaded):
   1. the demo's digits and its small ViT teacher (``featcache.demo``; reused when already trained);
-  2. one fp16 cache of blocks 0, 1, 3 + logits (the demo's extraction: 8 views of the 1,437 train digits);
+  2. one fp16 cache of blocks 0, 1, 3 + logits (the demo's extraction: 8 views of every train digit);
   3. ``featcache convert`` of that cache into every ``--codecs`` entry (the error per layer against the decoded fp16
      cache is measured on every row and recorded by convert);
-  4. the demo's KD and ViTKD+NKD students trained from every cache with ``--seeds`` seeds (same settings as
-     ``featcache demo``: 10 labels per class, the teacher's targets on every view; ``--epochs`` per run);
+  4. the demo's KD and ViTKD+NKD students trained from every cache with ``--seeds`` seeds (the settings of
+     ``featcache demo``, ``featcache.demo.DemoConfig``, but ``--epochs`` per run);
   5. the read path of every cache: views/s of ``read_row`` (read + decode) over all rows in random order, one
      process, warm page cache, measured in this run side by side.
 

@@ -240,10 +240,10 @@ def demo(out: str, seeds: int, quick: bool, jobs: int | None) -> None:
     Trains a small ViT teacher on the digits (or reuses it), extracts its features for several views of every
     training image once, trains students 5x cheaper than the teacher from that one cache with 5 labels per class
     (a labelled-only CE baseline with as many steps, KD, NKD, ViTKD, ViTKD+NKD, WeCoLoRA, and KD with the teacher
-    online, on the cached views and on fresh views every epoch), times KD from the cache against KD with the teacher
-    online, and prints the report with a verdict computed from the measured numbers. About 5 minutes on 2 CPU cores
-    with --seeds 1 (docs/SWEEPS.md has the measured times). Re-running reuses the teacher, the cache, finished runs
-    and the timing.
+    online on fresh views every epoch), times KD from the cache against KD with the teacher online, and prints the
+    report with a verdict computed from the measured numbers. About 440 CPU-seconds with --seeds 1 (7 min 52 s wall
+    clock on a shared 2-core box at load average 4-5; docs/SWEEPS.md). Re-running reuses the teacher, the cache,
+    finished runs and the timing.
     """
     import os
 

@@ -2,7 +2,7 @@
 sweep (labelled-only CE, KD, NKD, ViTKD, ViTKD+NKD, online-teacher KD, WeCoLoRA) -> timing -> report with a
 verdict computed from the mean and range over seeds.
 
-    python pipelines/demo.py --out featcache_demo            # about 5 minutes on 2 CPU cores
+    python pipelines/demo.py --out featcache_demo            # about 440 CPU-seconds (2 cores: both used)
     python pipelines/demo.py --seeds 3 --out featcache_demo  # every student run for 3 seeds
     python pipelines/demo.py --quick --out /tmp/demo_quick    # every stage, tiny sizes
 """

@@ -7,10 +7,10 @@
 3. extract + sweep (:mod:`.runs`): the teacher runs ONCE over several views of every train image; then students
    (3 blocks, width 48, 5x fewer forward FLOPs) are all trained from that one cache with 5 labels per class, each
    for ``--seeds`` seeds: a labelled-only CE baseline with as many steps (its lr chosen on heldout/), KD, NKD,
-   ViTKD, ViTKD+NKD, KD with the teacher online on fresh views every epoch, KD with the teacher online on the
-   cached views (parity), and WeCoLoRA (the teacher's every 2nd block + LoRA, label-free).
+   ViTKD, ViTKD+NKD, KD with the teacher online on fresh views every epoch, WeCoLoRA (the teacher's every 2nd
+   block + LoRA, label-free) and, with ``online_kd``, KD with the teacher online on the cached views.
 4. timing (:mod:`.timing`): KD from the cache and with the teacher online, one at a time with the same threads,
-   against the ideal speedup (teacher forward + student step) / student step.
+   against the ideal speedup (teacher forward + student step) / student step; the two students must be identical.
 5. report (:mod:`.results`, :mod:`.plot`): the table (mean and range over seeds), the figure and a verdict computed
    from the measured numbers.
 """
