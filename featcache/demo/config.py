@@ -14,8 +14,8 @@ class DemoConfig:
     The teacher (4 blocks, width 96) costs 5x the student's forward FLOPs (3 blocks, width 48, average-pooled
     tokens), so reading its targets from the cache saves real compute. The teacher trains 70 epochs (35 left it at
     85 % test top-1, 70 reach 96.7 %). Students train 40 epochs at batch 32, lr 1e-3 (3e-3 and 1e-2 trained KD
-    worse), with a warm-up + cosine schedule: their test top-1 has stopped rising by then. 5 labels per class: the setting the
-    few-shot distillation methods are for (with 10 the labelled-only baseline already matched logit KD).
+    worse), with a warm-up + cosine schedule: their test top-1 has about stopped rising by then. 5 labels per class:
+    the few-label setting the distillation methods are for.
     """
 
     out: str = "featcache_demo"
