@@ -184,7 +184,10 @@ class CachedViewDataset(Dataset):
     _derived = ("_valid", "samples", "labels", "sample_labels", "epoch_items")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._derived}
+        state = {k: v for k, v in self.__dict__.items() if k not in self._derived}
+        if state.get("decoded") is not None:
+            state["decoded"] = {}  # each process keeps its own decoded images; shipping them would copy them all
+        return state
 
     def __getattr__(self, name: str) -> Any:
         if name in CachedViewDataset._derived and "reader" in self.__dict__:

@@ -99,7 +99,7 @@ def test_labelled_only_repeats_the_labelled_samples_to_a_full_epoch_with_the_nex
         rows = [it["row"] for it in items if it["sample"] == sample]
         assert len(rows) == 3 and len(set(rows)) == 3
     only.set_epoch(1)
-    assert only.row_of(0) == choose_view("cycle", only.rows_of[0], 1 * 3 + 0, only.samples[0], seed=0)
+    assert only.row_of(0) == choose_view("cycle", only.rows_of(0), 1 * 3 + 0, int(only.samples[0]), seed=0)
     with pytest.raises(ConfigError, match="no sample of the cache is labelled"):
         dataset(cache, label_shots=0, labelled_only=True)
 
