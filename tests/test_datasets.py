@@ -284,3 +284,9 @@ def test_keep_decoded_decodes_each_image_once_and_replays_the_same_views(cache):
             a, b = plain[i], kept[i]
             assert a["row"] == b["row"] and torch.equal(a["image"], b["image"])
     assert sorted(loads) == sorted(set(kept.samples)), "every source image decoded once over two epochs"
+    import pickle
+
+    assert len(kept.decoded) == len(set(kept.samples))
+    kept.source.load = load  # the counting stand-in is not picklable
+    shipped = pickle.loads(pickle.dumps(kept))  # what a DataLoader worker receives: no decoded images
+    assert shipped.decoded == {} and torch.equal(shipped[0]["image"], kept[0]["image"])
