@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -229,7 +229,10 @@ class ZarrWriter(StoreWriter):
             value = np.ascontiguousarray(value)
             self._zarr_array(name)[rows.start:rows.stop] = value
             fsync_path(self.path / name / _shard_key(value.ndim, unit))  # the file and its directory (temp + rename)
-        return {}
+        # zarr writes no chunk equal to the fill value (0), so a unit whose targets are all zeros (every view skipped)
+        # has no shard: the note says so, and readers serve those rows as fill instead of calling the shard lost.
+        fill_only = sorted(name for name, value in targets.items() if not np.any(value))
+        return {"fill_only": fill_only} if fill_only else {}
 
 
 class _ShardedArray:
@@ -266,8 +269,10 @@ class _ShardedArray:
         """The file holding shard ``shard``."""
         return self.root / self.name / _chunk_key(self.meta, (shard,) + (0,) * (len(self.shape) - 1))
 
-    def read_index(self, shard: int) -> tuple[RangeFile, np.ndarray]:
-        """Open shard ``shard``; return it and its index ``[shard_rows, 2]`` of ``(offset, nbytes)``.
+    def read_index(self, shard: int, fill_only: Callable[[], bool] = lambda: False
+                   ) -> tuple[RangeFile | None, np.ndarray]:
+        """Open shard ``shard``; return it and its index ``[shard_rows, 2]`` of ``(offset, nbytes)``; for a shard
+        its unit's note lists as ``fill_only`` (never written), no file and an index of missing chunks.
 
         Raises:
             CacheError: when the shard is missing, truncated or its index fails its CRC-32C.
@@ -276,6 +281,8 @@ class _ShardedArray:
         try:
             fh = RangeFile(path)
         except FileNotFoundError:
+            if fill_only():
+                return None, np.full((self.shard_rows, 2), _MISSING, dtype="<u8")
             raise CacheError(f"shard {path} is missing; the cache is incomplete or damaged") from None
         try:
             return fh, self._parse_index(path, fh)
@@ -297,7 +304,7 @@ class _ShardedArray:
                 raise CacheError(f"shard {path} has a corrupt index (CRC-32C mismatch)")
         return np.frombuffer(raw[:n * 16], dtype="<u8").reshape(n, 2)
 
-    def read_row(self, fh: RangeFile, index: np.ndarray, row: int) -> np.ndarray:
+    def read_row(self, fh: RangeFile | None, index: np.ndarray, row: int) -> np.ndarray:
         """One row through the shard index: a ``pread`` (a ranged GET on object storage) of its chunk,
         decompressed."""
         offset, nbytes = index[row % self.shard_rows]
@@ -341,7 +348,8 @@ class ZarrReader(StoreReader):
 
     def _close_handles(self) -> None:
         for fh in self._fds.values():
-            fh.close()
+            if fh is not None:
+                fh.close()
         self._fds, self._index = {}, {}
 
     def _array_layout(self, name: str) -> _ShardedArray:
@@ -379,7 +387,8 @@ class ZarrReader(StoreReader):
         m = self.manifest
         for name in m["arrays"]:
             arr = self._array_layout(name)
-            shards = {arr.shard_path(u): u for u in sorted(_units.completed(notes))} if arr.fast else {}
+            shards = {arr.shard_path(u): u for u in sorted(_units.completed(notes))
+                      if name not in notes[u].get("fill_only", ())} if arr.fast else {}
             for path in missing_files(list(shards), self.path / name)[:1]:
                 raise CacheError(f"shard {path} of marked unit {shards[path]} is missing; re-run the same "
                                  "`featcache extract` command to redo it")
@@ -389,11 +398,16 @@ class ZarrReader(StoreReader):
         if isinstance(self._markers(), ZarrMarkers):
             self._array_meta(MARKERS, [m.num_units], "str")
 
-    def _shard(self, arr: _ShardedArray, shard: int) -> tuple[RangeFile, np.ndarray]:
+    def _shard(self, arr: _ShardedArray, shard: int) -> tuple[RangeFile | None, np.ndarray]:
         key = (arr.name, shard)
         if key not in self._index:
-            self._fds[key], self._index[key] = arr.read_index(shard)
+            self._fds[key], self._index[key] = arr.read_index(shard, lambda: self._fill_only(arr.name, shard))
         return self._fds[key], self._index[key]
+
+    def _fill_only(self, name: str, unit: int) -> bool:
+        """Whether unit ``unit`` wrote no shard of ``name`` because all its values were the fill value."""
+        note = self._markers().read(self.manifest.num_units)[unit]
+        return name in note.get("fill_only", ())
 
     def read_stored_row(self, row: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Stored (undecoded) arrays of one row: one ``pread`` per array on the fast path."""

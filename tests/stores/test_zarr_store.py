@@ -128,3 +128,25 @@ def test_forked_reader_reopens_files(tmp_path):
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1"
+
+
+def test_a_unit_of_zeros_has_no_shard_but_reads_and_verifies_as_zeros(tmp_path):
+    """zarr writes no chunk equal to the fill value: a unit whose views were all skipped (targets zeroed) leaves no
+    shard. Its note says so; a lost shard of any other unit is still an error."""
+    m = toy_manifest("zarr", dtype="fp32")
+    path = tmp_path / "cache"
+    targets = toy_targets(m)
+    rows = m.unit_rows(1)
+    for value in targets.values():
+        value[rows.start:rows.stop] = 0
+    write_toy(path, m, targets, toy_records(m))
+    name = next(iter(m["arrays"]))
+    assert not (path / name / "c" / "1" / "0" / "0").exists() and (path / name / "c" / "0" / "0" / "0").exists()
+    reader = open_reader(path)  # strict: every marked unit's shards checked
+    assert reader.unit_notes()[1]["fill_only"] == sorted(m["arrays"])
+    for row in (rows.start, rows.stop - 1):
+        assert all(not np.any(v) for v in reader.read_row(row).values())
+    np.testing.assert_array_equal(reader.read_row(0)[name], open_reader(path).read_row_zarr(0)[name])
+    (path / name / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(CacheError, match="shard .* of marked unit 0 is missing"):
+        open_reader(path)
