@@ -221,8 +221,9 @@ def report(runs_dir: str, out: str | None) -> None:
 
 
 def _demo_options() -> list[click.Parameter]:
-    return [default_option("--out", "featcache.demo:DemoConfig", "out", type=click.Path(file_okay=False),
-                           help="Working directory (digits images, teacher, cache, runs, report)."),
+    return [click.Option(["--out"], type=click.Path(file_okay=False),
+                         help="Working directory (digits images, teacher, cache, runs, report) [featcache_demo; "
+                              "featcache_demo_quick with --quick, so a quick run never replaces a full one's]."),
             default_option("--seeds", "featcache.demo:DemoConfig", "seeds", type=click.IntRange(min=1),
                            help="Student runs per method (seeds 0..N-1): the table reports the mean and the range "
                                 "over them, and a gap counts only when it exceeds the range."),
@@ -234,7 +235,7 @@ def _demo_options() -> list[click.Parameter]:
 
 
 @main.command(build=_demo_options)
-def demo(out: str, seeds: int, quick: bool, jobs: int | None) -> None:
+def demo(out: str | None, seeds: int, quick: bool, jobs: int | None) -> None:
     """Teacher once, many students: the whole pipeline on scikit-learn's digits, no download needed.
 
     Trains a small ViT teacher on the digits (or reuses it), extracts its features for several views of every
@@ -250,7 +251,8 @@ def demo(out: str, seeds: int, quick: bool, jobs: int | None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig.quick(out, seeds) if quick else DemoConfig(out=out, seeds=seeds), jobs=jobs)
+    where = {"out": out} if out else {}  # each config's own default directory
+    result = run_demo(DemoConfig.quick(seeds=seeds, **where) if quick else DemoConfig(seeds=seeds, **where), jobs=jobs)
     if result["failed"]:
         raise click.ClickException(f"{len(result['failed'])} demo run(s) failed: {sorted(result['failed'])}")
 

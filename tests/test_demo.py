@@ -137,3 +137,15 @@ def test_commands_have_help():
     for command in ("sweep", "report", "demo"):
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_a_quick_demo_never_works_in_the_full_demos_directory(monkeypatch):
+    import featcache.demo
+
+    seen = []
+    monkeypatch.setattr(featcache.demo, "run_demo", lambda cfg, jobs=None: seen.append(cfg) or {"failed": {}})
+    for args in (["demo", "--quick"], ["demo"], ["demo", "--quick", "--out", "elsewhere"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+    assert [c.out for c in seen] == ["featcache_demo_quick", "featcache_demo", "elsewhere"]
+    assert seen[0].max_train and seen[2].max_train and seen[1].max_train is None
