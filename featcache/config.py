@@ -200,9 +200,10 @@ class TrainConfig:
                                         "and sample.", choices="featcache.datasets:VIEW_POLICIES")
     max_views: int | None = setting(None, "Use only the first K stored views of each sample: the views a K-view "
                                           "extraction writes (views are f(seed, sample, view)) [all].")
-    keep_decoded: bool = setting(False, "Keep every decoded source image in memory after its first load (in each "
-                                        "loader process): later epochs only replay the views. For image sets that "
-                                        "fit in memory decoded, where decoding dominates a small model's step.")
+    keep_decoded: bool = setting(False, "Keep every decoded source image in memory after its first load: later "
+                                        "epochs only replay the views. Needs --workers 0 (loader workers start afresh "
+                                        "each epoch). For image sets that fit in memory decoded, where decoding "
+                                        "dominates a small model's step.")
     fingerprint_checks: int | None = setting(None, "Check only a seeded sample of this many replayed views per "
                                                    "epoch against their stored fingerprint (0: none) [every view].")
     online_teacher: bool = setting(False, "Compute the targets with the live teacher on the same replayed views "
@@ -269,6 +270,10 @@ class TrainConfig:
                               "--fresh-views draws new views with the cache's recipe")
         if self.max_views is not None and self.max_views < 1:
             raise ConfigError(f"--max-views must be >= 1, got {self.max_views}")
+        if self.keep_decoded and self.workers > 0:
+            raise ConfigError(f"--keep-decoded needs --workers 0 (got {self.workers}): DataLoader workers start afresh "
+                              "every epoch, so what they decoded is gone by the next one; drop --keep-decoded, or "
+                              "pass --workers 0")
         if self.labelled_only and self.label_shots is None:
             raise ConfigError("--labelled-only needs --label-shots N: without it every sample is labelled, so there is "
                               "nothing to leave out (drop --labelled-only)")

@@ -13,17 +13,26 @@ import os
 import sys
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="featcache_demo", help="working directory (default featcache_demo)")
+    p.add_argument("--out", default=None, help="working directory (default featcache_demo; featcache_demo_quick "
+                                               "with --quick, so a quick run never replaces a full one's)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks every stage in a minute or two")
-    p.add_argument("--seeds", type=int, default=1, help="student runs per method (default 1)")
+    p.add_argument("--seeds", type=_at_least_one, default=1, help="student runs per method (default 1)")
     p.add_argument("--jobs", type=int, default=None, help="student trainings at once (default: cores, at most 4)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep, not spin
     from featcache.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick(args.out, args.seeds) if args.quick else DemoConfig(out=args.out, seeds=args.seeds)
+    where = {"out": args.out} if args.out else {}  # each config's own default directory
+    cfg = DemoConfig.quick(seeds=args.seeds, **where) if args.quick else DemoConfig(seeds=args.seeds, **where)
     result = run_demo(cfg, jobs=args.jobs)
     return 1 if result["failed"] else 0
 

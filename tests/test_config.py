@@ -227,6 +227,7 @@ def test_missing_yaml_file():
     (ExtractConfig(), "--data"), (ExtractConfig(data="d", out="o", shots=1, fraction=0.5), "not both"),
     (ExtractConfig(data="d", out="o", views=0), "--views"), (ExtractConfig(data="d", out="o", layers=[]), "--layers"),
     (TrainConfig(), "--cache"), (TrainConfig(cache="c", epochs=0), "--epochs"),
+    (TrainConfig(cache="c", keep_decoded=True), "--keep-decoded needs --workers 0 \\(got 2\\)"),
 ])
 def test_validate_raises_config_errors(cfg, match):
     with pytest.raises(ConfigError, match=match):

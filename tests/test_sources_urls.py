@@ -175,3 +175,13 @@ def test_commands_reading_in_place_refuse_url_specs_with_the_fix(flag):
 
     with pytest.raises(ConfigError, match=f"{flag} 'pipe:cat a.tar' names shards by URL.*--data-stage-dir DIR"):
         open_local_source("pipe:cat a.tar", flag)
+
+
+@pytest.mark.parametrize("where", ["s3://bucket/stage", "memory://stage", "file:///tmp/stage"])
+def test_a_url_stage_dir_is_refused_before_anything_is_written(shards, where, tmp_path, monkeypatch):
+    from featcache.sources.urls import stage
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--data-stage-dir .* is a URL.*pass a local path"):
+        stage(f"pipe:cat {shards}/shard-000000.tar", where)
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/stage

@@ -47,6 +47,7 @@ from .wds import expand_spec, scan_wds
 URL_SCHEMES = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs"}
 SUPPORTED = "pipe:CMD, " + ", ".join(f"{s}://" for s in URL_SCHEMES) + ", file:// or a local path"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+_ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # s3://, memory://, pipe:... (two characters at least: "C:")
 CHUNK = 1 << 20
 
 
@@ -247,6 +248,9 @@ def stage(spec: str | os.PathLike | Sequence[str], stage_dir: str | os.PathLike 
     if not stage_dir:
         raise ConfigError(f"--data {spec!r} names shards by URL, which are copied to a local directory first; "
                           "pass --data-stage-dir DIR")
+    if _ANY_SCHEME.match(str(stage_dir)):
+        raise ConfigError(f"--data-stage-dir {str(stage_dir)!r} is a URL; staged shards are read by random access "
+                          "from a local directory: pass a local path")
     named = [(e, n) for e, n in plan(spec) if expected is None or n in expected]
     stage_dir = Path(stage_dir).absolute()
     stage_dir.mkdir(parents=True, exist_ok=True)

@@ -345,6 +345,7 @@ class ZarrReader(StoreReader):
         self._layout: dict[str, _ShardedArray] = {}
         self._fds: dict[tuple[str, int], RangeFile] = {}
         self._index: dict[tuple[str, int], np.ndarray] = {}
+        self._records: dict[str, np.ndarray] | None = None  # a format 1 cache's records, read once
 
     def _close_handles(self) -> None:
         for fh in self._fds.values():
@@ -433,8 +434,10 @@ class ZarrReader(StoreReader):
     def _records_by_unit(self) -> dict[str, np.ndarray]:
         import zarr
 
-        group = zarr.open_group(zarr_store(self.path / RECORDS, read_only=True), mode="r")
-        return {name: np.asarray(group[name][:]) for name in RECORD_DTYPES}
+        if self._records is None:
+            group = zarr.open_group(zarr_store(self.path / RECORDS, read_only=True), mode="r")
+            self._records = {name: np.asarray(group[name][:]) for name in RECORD_DTYPES}
+        return dict(self._records)
 
     def unit_records(self, unit: int) -> dict[str, np.ndarray]:
         import zarr
