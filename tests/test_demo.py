@@ -125,6 +125,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert runs == {"ce", "kd", "nkd", "vitkd", "vitkd+nkd", "kd-online", "kd-fresh-online", "wecolora"}
     assert len(rows) == 2 * len(runs) - 1, "two seeds per run, the parity run once"
     assert (out / "demo_report.png").stat().st_size > 0 and (out / "teacher.safetensors").is_file()
+    # The baseline is scored on test/ by the demo itself: exactly as `train --val` scores every other run.
+    from featcache.demo.results import student_test_top1
+    from featcache.report import summarize_run
+
+    ce_run = next((out / "runs").glob("ce,lr=*,seed=0"))
+    assert student_test_top1(ce_run, out / "digits" / "heldout") == summarize_run(ce_run).row["top1"]
     # A second demo reuses the teacher, the cache, the runs and the timing.
     again = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--jobs", "2", "--seeds", "2"])
     assert again.exit_code == 0, again.output

@@ -84,7 +84,7 @@ def student_test_top1(run_dir: Path, test_root: Path) -> float:
     spec = rundir.read_student(run_dir)
     model = load_model(spec["model"], pretrained=False, checkpoint=str(rundir.student_weights(run_dir)),
                        img_size=spec["img_size"], num_classes=spec.get("num_classes"), **spec.get("model_kwargs", {}))
-    images, labels = eval_split(test_root, spec["img_size"], normalization(model)["interpolation"])
+    images, labels = eval_split(test_root, spec["img_size"], normalization(model))  # its crop_pct, interpolation
     return evaluate(model, images, labels, spec["mean"], spec["std"])
 
 

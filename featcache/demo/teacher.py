@@ -24,13 +24,15 @@ def load_split(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([source.load(i) for i in range(len(source))]), torch.tensor(source.labels)
 
 
-def eval_split(root: Path, img_size: int, interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out views exactly as ``featcache train --val`` evaluates them (resize + centre crop)."""
+def eval_split(root: Path, img_size: int, data_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out views exactly as ``featcache train --val`` evaluates them: resize to ``img_size / crop_pct`` and
+    centre-crop, with the ``crop_pct`` and interpolation of the model's timm data config."""
     from ..datasets import EvalDataset
     from ..sources import open_source
 
     source = open_source(root)
-    dataset = EvalDataset(source, img_size, source.classes, interpolation=interpolation)
+    dataset = EvalDataset(source, img_size, source.classes, crop_pct=data_config["crop_pct"],
+                          interpolation=data_config["interpolation"])
     items = [dataset[i] for i in range(len(dataset))]
     return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
@@ -73,7 +75,7 @@ def train_teacher(cfg: DemoConfig, data: Path, path: Path, log: Callable[[str], 
     model = build_teacher(cfg)
     norm = normalization(model)
     x_train, y_train = load_split(data / "train")
-    x_test, y_test = eval_split(data / "test", cfg.img_size, norm["interpolation"])
+    x_test, y_test = eval_split(data / "test", cfg.img_size, norm)
     steps_per_epoch = math.ceil(len(x_train) / cfg.teacher_batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.teacher_lr, total_steps=cfg.teacher_epochs * steps_per_epoch,
