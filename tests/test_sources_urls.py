@@ -185,3 +185,13 @@ def test_a_url_stage_dir_is_refused_before_anything_is_written(shards, where, tm
     with pytest.raises(ConfigError, match="--data-stage-dir .* is a URL.*pass a local path"):
         stage(f"pipe:cat {shards}/shard-000000.tar", where)
     assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/stage
+
+
+def test_signatures_and_credentials_in_a_url_are_not_recorded(http, tmp_path):
+    from featcache.sources.urls import stage
+
+    authed = http.replace("http://", "http://user:secret@")
+    records = stage(f"{authed}/shard-000000.tar?X-Amz-Signature=secret#frag", tmp_path / "stage")
+    assert records[0]["url"] == f"{http}/shard-000000.tar" and records[0]["size"] > 0
+    written = "".join(p.read_text() for p in (tmp_path / "stage").glob(".*.sha256"))
+    assert "secret" not in written and "frag" not in written and f"{http}/shard-000000.tar" in written

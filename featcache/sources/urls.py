@@ -30,6 +30,7 @@ import re
 import shlex
 import subprocess
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -198,13 +199,24 @@ def _sidecar(stage_dir: Path, name: str) -> Path:
     return stage_dir / f".{name}.sha256"
 
 
+def recorded_url(entry: str) -> str:
+    """``entry`` as the manifest and the sidecars record it: a URL without its user info, query and fragment, where
+    presigned signatures and tokens live (the SHA-256 pins the bytes; the URL is only a note of where they came
+    from). ``pipe:`` commands are kept as typed."""
+    if entry.startswith("pipe:") or not _SCHEME.match(entry):
+        return entry
+    parts = urllib.parse.urlsplit(entry)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def _noted_sha256(stage_dir: Path, name: str, entry: str) -> str | None:
     """The SHA-256 the sidecar of a copy notes, if that copy was staged from ``entry``."""
     try:
         noted = json.loads(_sidecar(stage_dir, name).read_text())
     except (OSError, ValueError):
         return None
-    return str(noted["sha256"]) if isinstance(noted, dict) and noted.get("url") == entry and "sha256" in noted else None
+    same = isinstance(noted, dict) and noted.get("url") == recorded_url(entry) and "sha256" in noted
+    return str(noted["sha256"]) if same else None
 
 
 def already_staged(stage_dir: Path, name: str, entry: str, expected: str | None) -> dict[str, Any] | None:
@@ -213,7 +225,7 @@ def already_staged(stage_dir: Path, name: str, entry: str, expected: str | None)
     want = (expected or _noted_sha256(stage_dir, name, entry)) if path.is_file() else None
     if not want or sha256_file(path) != want:
         return None
-    return {"url": entry, "shard": name, "size": path.stat().st_size, "sha256": want}
+    return {"url": recorded_url(entry), "shard": name, "size": path.stat().st_size, "sha256": want}
 
 
 def stage_one(entry: str, name: str, stage_dir: Path, bar, expected: str | None = None) -> dict[str, Any]:
@@ -233,7 +245,7 @@ def stage_one(entry: str, name: str, stage_dir: Path, bar, expected: str | None 
         os.replace(tmp, stage_dir / name)
     finally:
         tmp.unlink(missing_ok=True)
-    record = {"url": entry, "shard": name, "size": size, "sha256": h.hexdigest()}
+    record = {"url": recorded_url(entry), "shard": name, "size": size, "sha256": h.hexdigest()}
     durable.write_atomic(_sidecar(stage_dir, name), json.dumps(record).encode())
     return record
 
