@@ -197,9 +197,10 @@ def use_stream(cfg: TrainConfig, reader: Any) -> bool:
 
     remote_wds = reader.manifest["storage"]["format"] == "wds" and not is_local(reader.path)
     stream = cfg.stream if cfg.stream is not None else remote_wds and not cfg.fresh_views
-    if stream and cfg.labelled_only:
-        raise ConfigError("--stream reads whole shards, every sample of them, so it cannot keep the labelled samples "
-                          "only; pass --no-stream with --labelled-only")
+    if stream and (cfg.labelled_only or cfg.labelled_batch):
+        flag = "--labelled-only" if cfg.labelled_only else "--labelled-batch"
+        raise ConfigError(f"--stream reads whole shards, every sample of them, so it cannot serve the labelled samples "
+                          f"on their own; pass --no-stream with {flag}")
     if stream and cfg.grad_accum > 1:
         raise ConfigError(f"--stream with --grad-accum {cfg.grad_accum} is not supported; pass --no-stream (random "
                           "access) or --grad-accum 1")
@@ -212,10 +213,15 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode:
     ``(dataset, sampler, loader)``. With ``stream``, the loader reads a :class:`~featcache.streaming.StreamedViews`
     of this ``rank`` (which is also the sampler: it takes the epoch), already batched and split over the
     ``world_size`` processes: it must not be given to ``accelerator.prepare``."""
-    from .datasets import CachedViewDataset, EpochSampler
+    from .datasets import CachedViewDataset
+    from .samplers import EpochSampler
     from .sources import source_from_manifest
     from .views import Recipe
 
+    if cfg.labelled_batch and cfg.ce_weight == 0:
+        raise ConfigError(f"--labelled-batch {cfg.labelled_batch} adds labelled items for the label loss, but "
+                          f"--method {cfg.method} trains without labels (label CE weight 0); drop --labelled-batch, "
+                          "or give the labels a weight with --ce-weight W")
     manifest = reader.manifest
     source = source_from_manifest(manifest, root=cfg.data)
     dataset = CachedViewDataset(reader, source, Recipe.from_dict(manifest["views"]["recipe"]), needed,
@@ -229,8 +235,23 @@ def build_train_loader(cfg: TrainConfig, reader: Any, needed: list[str], decode:
 
         views = StreamedViews(dataset, cfg.batch_size, rank, world_size, cfg.workers, cfg.seed)
         return dataset, views, DataLoader(views, **dict(_loader_kwargs(cfg), batch_size=None))
+    if cfg.labelled_batch:
+        return _labelled_batches(cfg, dataset)
     sampler = EpochSampler(len(dataset), seed=cfg.seed)
     return dataset, sampler, DataLoader(dataset, sampler=sampler, drop_last=False, **_loader_kwargs(cfg))
+
+
+def _labelled_batches(cfg: TrainConfig, dataset: Any) -> tuple[Any, Any, DataLoader]:
+    """``--labelled-batch M``: each batch is ``--batch-size`` items of the epoch plus ``M`` labelled ones."""
+    from .samplers import LabelledBatchSampler
+
+    items = dataset.epoch_items
+    dataset.labelled_items = LabelledBatchSampler.labelled_items(items, cfg.batch_size, cfg.labelled_batch)
+    dataset.set_epoch(dataset.epoch)  # its length grew: the fingerprint sample is drawn over every item again
+    sampler = LabelledBatchSampler(items, cfg.batch_size, cfg.labelled_batch, len(dataset.labelled_positions),
+                                   seed=cfg.seed)
+    kwargs = {k: v for k, v in _loader_kwargs(cfg).items() if k != "batch_size"}  # the batch sampler sizes batches
+    return dataset, sampler, DataLoader(dataset, batch_sampler=sampler, **kwargs)
 
 
 def _max_views(cfg: TrainConfig, manifest: Manifest) -> int | None:

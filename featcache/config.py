@@ -196,6 +196,11 @@ class TrainConfig:
     labelled_only: bool = setting(False, "Train on the labelled samples only (--label-shots), drawn again and again "
                                          "so an epoch has as many items (and steps) as one over every cached sample; "
                                          "each pass over them takes the next view.")
+    # With a few labels per class, a batch over all samples holds about one labelled item: the label loss learns
+    # from each label once per epoch. FixMatch's remedy (a labelled batch in every step), for any method.
+    labelled_batch: int = setting(0, "Add this many labelled items (--label-shots) to every batch, drawn pass by "
+                                     "pass over the labelled samples, each pass shuffled (FixMatch's labelled "
+                                     "batch); the steps per epoch stay those of --batch-size (0: off).")
     view_policy: str = setting("cycle", "cycle: view = (epoch + per-sample offset) mod K; random: uniform per epoch "
                                         "and sample.", choices="featcache.datasets:VIEW_POLICIES")
     max_views: int | None = setting(None, "Use only the first K stored views of each sample: the views a K-view "
@@ -277,6 +282,12 @@ class TrainConfig:
         if self.labelled_only and self.label_shots is None:
             raise ConfigError("--labelled-only needs --label-shots N: without it every sample is labelled, so there is "
                               "nothing to leave out (drop --labelled-only)")
+        if self.labelled_batch < 0:
+            raise ConfigError(f"--labelled-batch must be >= 0 (0: off), got {self.labelled_batch}")
+        if self.labelled_batch and (self.label_shots is None or self.labelled_only):
+            why = ("every batch holds only labelled items already" if self.labelled_only else
+                   "without --label-shots every sample is labelled, so every batch is labelled already")
+            raise ConfigError(f"--labelled-batch {self.labelled_batch}: {why}; drop --labelled-batch")
         if self.fresh_views and not self.online_teacher:
             raise ConfigError("--fresh-views needs --online-teacher: the cache holds targets only for its stored "
                               "views, so new views need the teacher to run on them")

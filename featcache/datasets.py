@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .errors import ConfigError, DecodeError, ReplayDriftError
 from .sources import ImageSource
@@ -103,28 +103,6 @@ def labelled_mask(labels: Sequence[int], label_shots: int | None) -> np.ndarray:
     return keep
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffled order that depends on ``(seed, epoch)`` only, so a resumed run replays the same batches.
-
-    Hand-rolled because torch's ``RandomSampler`` draws from a generator whose state would have to be saved
-    mid-epoch; here the order is a pure function of the epoch, set with `set_epoch` before each epoch.
-    """
-
-    def __init__(self, num_items: int, seed: int = 0):
-        self.num_items = num_items
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_items
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items).tolist())
-
-
 class CachedViewDataset(Dataset):
     """One item per sample: its replayed view for the current epoch, the cached targets and the label.
 
@@ -146,6 +124,9 @@ class CachedViewDataset(Dataset):
         labelled_only: keep only the labelled samples, repeated so that an epoch has as many items as there are
             samples in the cache (the same optimizer steps as a run over all of them); pass ``p`` of epoch ``e``
             over them uses the views of epoch ``e * passes + p``, so every pass takes the next view.
+        labelled_items: items per epoch of a labelled stream after the epoch's items (``--labelled-batch``, served
+            by :class:`~featcache.samplers.LabelledBatchSampler`): item ``epoch_items + r`` is pass ``r // L`` over
+            the ``L`` labelled samples, with the views ``--labelled-only`` gives that pass.
         keep_decoded: keep every decoded source image in memory after its first load (in each loader process), so
             later epochs only replay views; for image sets small enough to hold decoded.
         decode: ``workers``: items carry decoded float32 ``targets``; ``device``: items carry the ``stored`` arrays
@@ -156,7 +137,8 @@ class CachedViewDataset(Dataset):
                  view_policy: str = "cycle", label_shots: int | None = None, seed: int = 0,
                  fingerprint_checks: int | None = None, with_targets: bool = True, num_classes: int | None = None,
                  label_smoothing: float = 0.0, fresh_views: bool = False, max_views: int | None = None,
-                 decode: str = "workers", labelled_only: bool = False, keep_decoded: bool = False):
+                 decode: str = "workers", labelled_only: bool = False, keep_decoded: bool = False,
+                 labelled_items: int = 0):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"unknown view policy {view_policy!r}; choose one of {', '.join(VIEW_POLICIES)}")
         if recipe.mix is not None and not num_classes:
@@ -174,6 +156,9 @@ class CachedViewDataset(Dataset):
         self.views = reader.manifest.views_per_sample
         self.used_views = min(self.views, max_views or self.views)
         self.label_shots, self.labelled_only = label_shots, labelled_only
+        if labelled_items and labelled_only:
+            raise ValueError("labelled_only already serves only labelled items; a labelled stream adds nothing")
+        self.labelled_items = int(labelled_items)
         self.decoded: dict[int, torch.Tensor] | None = {} if keep_decoded else None
         self.drift = environment_drift(reader.manifest.get("versions", {}))
         self._index()
@@ -181,7 +166,7 @@ class CachedViewDataset(Dataset):
 
     # Per-sample bookkeeping: numpy arrays over the cache's records, rebuilt (cheaply, from the mapped records) in
     # each process instead of pickled: a DataLoader worker receives the reader and the source by reference only.
-    _derived = ("_valid", "samples", "labels", "sample_labels", "epoch_items")
+    _derived = ("_valid", "samples", "labels", "sample_labels", "epoch_items", "labelled_positions")
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in self._derived}
@@ -204,6 +189,9 @@ class CachedViewDataset(Dataset):
         if self.labelled_only:
             samples, labels = _labelled(samples, labels)
         self._valid, self.samples, self.labels = valid, samples, labels
+        self.labelled_positions = np.flatnonzero(labels >= 0)  # the labelled stream's samples, as positions
+        if self.labelled_items and not len(self.labelled_positions):
+            raise ConfigError("--labelled-batch: no sample of the cache is labelled; pass --label-shots >= 1")
         self.sample_labels = np.full(len(self.source), -1, dtype=np.int64)  # by sample position: a partner's label
         self.sample_labels[self.samples] = self.labels
 
@@ -227,7 +215,7 @@ class CachedViewDataset(Dataset):
         return -(-self.epoch_items // len(self.samples))
 
     def __len__(self) -> int:
-        return self.epoch_items
+        return self.epoch_items + self.labelled_items
 
     def set_epoch(self, epoch: int) -> None:
         """Select the views of ``epoch`` and the items whose fingerprint is checked this epoch."""
@@ -236,6 +224,10 @@ class CachedViewDataset(Dataset):
 
     def locate(self, index: int) -> tuple[int, int]:
         """Item ``index`` of the epoch -> (kept sample position, the view epoch its pass uses)."""
+        if index >= self.epoch_items:  # the labelled stream: pass r // L over the L labelled samples
+            r, group = index - self.epoch_items, len(self.labelled_positions)
+            passes = -(-self.labelled_items // group)
+            return int(self.labelled_positions[r % group]), self.epoch * passes + r // group
         kept = len(self.samples)
         return index % kept, self.epoch * self.passes + index // kept
 

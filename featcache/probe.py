@@ -44,7 +44,10 @@ def student_spec(cfg: ProbeConfig) -> dict[str, Any]:
     if not cfg.model:
         raise ConfigError(f"--student {cfg.student!r} is a checkpoint file: also pass --model TIMM_NAME "
                           "(and --model-kwargs / --img-size if it is not the default shape)")
-    return {"model": cfg.model, "img_size": cfg.img_size, "num_classes": None, "model_kwargs": dict(cfg.model_kwargs)}
+    kwargs = dict(cfg.model_kwargs)  # load_model takes these two by name: lift them out of the timm kwargs
+    num_classes, img_size = kwargs.pop("num_classes", None), kwargs.pop("img_size", None)
+    return {"model": cfg.model, "img_size": cfg.img_size or img_size, "num_classes": num_classes,
+            "model_kwargs": kwargs}
 
 
 def load_student(cfg: ProbeConfig) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Stage-2 training read as a stream of whole WebDataset shards (``featcache train --stream``).
 
-Random access (:class:`~featcache.datasets.CachedViewDataset` + :class:`~featcache.datasets.EpochSampler`) reads
+Random access (:class:`~featcache.datasets.CachedViewDataset` + :class:`~featcache.samplers.EpochSampler`) reads
 one tar member per target per item; on object storage that is a round trip per item. A stream reads each shard
 front to back instead (a few large GETs), the way WebDataset is meant to be read from object storage. What an epoch
 holds and in which order (every rule depends on ``(seed, epoch)`` only, never on timing):

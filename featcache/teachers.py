@@ -98,8 +98,15 @@ def exact_fp32() -> Iterator[None]:
 
 
 def _final_norm_entry(model: nn.Module) -> dict[str, Any] | None:
-    """The final LayerNorm's parameters (ViTs), so post-norm targets can be rebuilt from pre-norm cached blocks."""
+    """The final LayerNorm's parameters (ViTs), so post-norm targets can be rebuilt from pre-norm cached blocks.
+
+    ``{"type": "Identity"}`` for a ViT without a per-token final norm: timm's average-pooling ViTs
+    (``global_pool="avg"``) normalise the pooled vector instead (``fc_norm``), so their last block's tokens are
+    what a post-norm target is. ``None`` for a model without a ``norm`` (CNNs): nothing to rebuild.
+    """
     norm = getattr(model, "norm", None)
+    if isinstance(norm, nn.Identity):
+        return {"type": "Identity"}
     if not isinstance(norm, nn.LayerNorm):
         return None
     return {"type": "LayerNorm", "eps": float(norm.eps), "weight": norm.weight.detach().float().tolist(),

@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("teachers",),
     ("stores",),
-    ("datasets", "streaming"),
+    ("datasets", "samplers", "streaming"),
     ("methods",),
     ("compat", "build", "extract", "extract_units", "convert", "info", "verify"),
     ("rundir",),

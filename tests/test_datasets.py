@@ -8,7 +8,7 @@ from featcache.testing.images import make_image_folder, random_image
 from featcache.testing.caches import make_cache
 
 from featcache.sources import open_source, source_from_manifest
-from featcache.datasets import (CachedViewDataset, EpochSampler, EvalDataset, ReplayDriftError, choose_view,
+from featcache.datasets import (CachedViewDataset, EvalDataset, ReplayDriftError, choose_view,
                                environment_drift, labelled_mask)
 from featcache.errors import ConfigError, DecodeError
 from featcache.stores.base import open_reader
@@ -48,18 +48,6 @@ def test_random_policy_is_a_function_of_seed_epoch_and_sample():
     assert set(draws) == set(valid)
     with pytest.raises(ValueError, match="cycle, random"):
         choose_view("sometimes", valid, 0, 0, 0)
-
-
-def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
-    s = EpochSampler(10, seed=5)
-    s.set_epoch(2)
-    order = list(s)
-    assert sorted(order) == list(range(10))
-    again = EpochSampler(10, seed=5)
-    again.set_epoch(2)
-    assert list(again) == order
-    again.set_epoch(3)
-    assert list(again) != order
 
 
 def test_label_shots_keeps_the_first_samples_of_each_class():
@@ -102,6 +90,27 @@ def test_labelled_only_repeats_the_labelled_samples_to_a_full_epoch_with_the_nex
     assert only.row_of(0) == choose_view("cycle", only.rows_of(0), 1 * 3 + 0, int(only.samples[0]), seed=0)
     with pytest.raises(ConfigError, match="no sample of the cache is labelled"):
         dataset(cache, label_shots=0, labelled_only=True)
+
+
+def test_the_labelled_stream_serves_labelled_samples_pass_by_pass_with_labelled_only_views(cache):
+    ds, only = dataset(cache, label_shots=1, labelled_items=7), dataset(cache, label_shots=1, labelled_only=True)
+    assert len(ds) == 9 + 7 and ds.epoch_items == 9
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        only.set_epoch(epoch)
+        stream = [ds[9 + r] for r in range(7)]  # 3 labelled samples: passes of 3, 3 and 1 items
+        assert all(it["label"] >= 0 for it in stream)
+        assert [it["sample"] for it in stream[:3]] == [it["sample"] for it in stream[3:6]]
+        assert len({it["sample"] for it in stream[:3]}) == 3
+        for r, it in enumerate(stream):  # pass p of epoch e takes the view of epoch e * passes + p, as --labelled-only
+            position = int(ds.labelled_positions[r % 3])
+            view_epoch = epoch * 3 + r // 3
+            assert it["row"] == choose_view("cycle", ds.rows_of(position), view_epoch, it["sample"], seed=0)
+        assert {it["row"] for it in stream[:6]} <= {only[i]["row"] for i in range(len(only))}
+    with pytest.raises(ConfigError, match="--labelled-batch: no sample of the cache is labelled"):
+        dataset(cache, label_shots=0, labelled_items=2)
+    with pytest.raises(ValueError, match="labelled_only already serves"):
+        dataset(cache, label_shots=1, labelled_only=True, labelled_items=2)
 
 
 def test_online_items_carry_no_targets(cache):

@@ -11,6 +11,7 @@ from featcache.testing.caches import STUDENT, make_cache, make_val, reset_accele
 
 from featcache import engine, models, teachers
 from featcache.config import TrainConfig
+from featcache.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ class Killed(Exception):
     pass
 
 
-def test_killed_mid_epoch_and_resumed_ends_with_the_same_weights(cache, tmp_path, monkeypatch):
-    kw = dict(epochs=2, checkpoint_every=2, val=str(cache["val"]))
+@pytest.mark.parametrize("labels", [{}, {"label_shots": 1, "labelled_batch": 2}], ids=["plain", "labelled-batch"])
+def test_killed_mid_epoch_and_resumed_ends_with_the_same_weights(cache, tmp_path, monkeypatch, labels):
+    kw = dict(epochs=2, checkpoint_every=2, val=str(cache["val"]), **labels)
     engine.train(config(cache, tmp_path / "full", **kw))
     reset_accelerate()
 
@@ -88,6 +90,36 @@ def test_killed_mid_epoch_and_resumed_ends_with_the_same_weights(cache, tmp_path
         assert torch.equal(full[key], again[key]), key
     losses = [r["loss"] for r in train_losses(tmp_path / "full")]
     assert losses == [r["loss"] for r in train_losses(tmp_path / "killed")]
+
+
+def test_labelled_batch_puts_its_labelled_items_in_every_step(cache, tmp_path, monkeypatch):
+    seen, real_step = [], engine.train_step
+
+    def recording_step(run, batch, meter):
+        seen.append((batch["sample"].tolist(), batch["label"].tolist()))
+        return real_step(run, batch, meter)
+
+    monkeypatch.setattr(engine, "train_step", recording_step)
+    result = engine.train(config(cache, tmp_path / "run", method="kd", label_shots=1, labelled_batch=2, epochs=2))
+    assert result["steps"] == 6 and len(seen) == 6, "6 samples at batch 2: the steps are those of a plain run"
+    for epoch in (seen[:3], seen[3:]):
+        assert sorted(s for samples, _ in epoch for s in samples[:-2]) == list(range(6)), "each sample once"
+        extra = [(s, y) for samples, labels in epoch for s, y in zip(samples[-2:], labels[-2:])]
+        assert all(y >= 0 for _, y in extra) and len({s for s, _ in extra}) == 3, "2 labelled items per step"
+    with pytest.raises(ConfigError, match="--labelled-batch 2 adds labelled items for the label loss, but --method "
+                                          "wecolora trains without labels"):
+        engine.train(config(cache, tmp_path / "wecolora", method="wecolora", student="teacher", label_shots=1,
+                            labelled_batch=2))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"labelled_batch": 2}, "without --label-shots every sample is labelled"),
+    ({"labelled_batch": 2, "label_shots": 1, "labelled_only": True}, "every batch holds only labelled items"),
+    ({"labelled_batch": -1, "label_shots": 1}, "--labelled-batch must be >= 0"),
+])
+def test_labelled_batch_refuses_settings_it_cannot_serve(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(cache="c", **kw).validate()
 
 
 def test_run_directory_contract_and_student_reload(cache, tmp_path):

@@ -82,6 +82,10 @@ def test_checkpoint_probe_equals_run_dir_probe_and_random_init_differs(data, tmp
                          progress=False)
     # Same weights; only normalisation differs (the run records 0.5/0.5, the checkpoint uses timm's config).
     assert from_ckpt["feature_dim"] == from_run["feature_dim"]
+    # num_classes and img_size may come inside --model-kwargs too (they were passed to timm twice)
+    in_kwargs = run_probe(ProbeConfig(student=str(ckpt), model="vit_tiny_patch16_224",
+                                      model_kwargs=dict(KWARGS, num_classes=3, img_size=32), **common), progress=False)
+    assert in_kwargs["top1"] == from_ckpt["top1"] and in_kwargs["feature_dim"] == from_ckpt["feature_dim"]
     rand = run_probe(ProbeConfig(student=str(data["run"]), random_init=True, **common), progress=False)
     assert rand["random_init"] and (data["run"] / "probe_random_init.json").is_file()
 

@@ -84,3 +84,7 @@ def test_stream_is_on_by_default_only_for_remote_wds(wds_dataset, tmp_path):
     assert use_stream(TrainConfig(cache="c", stream=True), wds_dataset.reader) is True
     with pytest.raises(ConfigError, match="--grad-accum 2"):
         use_stream(TrainConfig(cache="c", stream=True, grad_accum=2), wds_dataset.reader)
+    for flag, kw in (("--labelled-only", {"labelled_only": True}), ("--labelled-batch", {"labelled_batch": 4})):
+        with pytest.raises(ConfigError, match=f"cannot serve the labelled samples on their own; pass --no-stream "
+                                              f"with {flag}"):
+            use_stream(TrainConfig(cache="c", stream=True, label_shots=1, **kw), wds_dataset.reader)

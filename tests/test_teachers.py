@@ -53,6 +53,13 @@ def test_manifest_entry_describes_the_vit(vit):
     assert norm["type"] == "LayerNorm" and len(norm["weight"]) == len(norm["bias"]) == 48
 
 
+def test_an_average_pooling_vit_records_that_its_tokens_have_no_final_norm():
+    teacher = load_teacher("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, patch_size=8,
+                           embed_dim=48, depth=2, num_heads=3, global_pool="avg")
+    assert isinstance(teacher.model.fc_norm, torch.nn.LayerNorm), "timm normalises the pooled vector instead"
+    assert teacher.manifest_entry()["final_norm"] == {"type": "Identity"}
+
+
 def test_teacher_from_manifest_rebuilds_and_checks_the_weights(vit):
     manifest = {"teacher": vit.manifest_entry(), "img_size": 32,
                 "teacher_kwargs": {k: v for k, v in VIT.items() if k not in ("img_size", "num_classes")}}

@@ -11,11 +11,15 @@ MODEL = "vit_tiny_patch16_224"  # a timm ViT family; the kwargs below shrink it 
 class DemoConfig:
     """Sizes and schedules of the demo (defaults: about 440 CPU-seconds; docs/SWEEPS.md says why each).
 
-    The teacher (4 blocks, width 96) costs 5x the student's forward FLOPs (3 blocks, width 48, average-pooled
-    tokens), so reading its targets from the cache saves real compute. The teacher trains 70 epochs (35 left it at
-    85 % test top-1, 70 reach 96.7 %). Students train 40 epochs at batch 32, lr 1e-3 (3e-3 and 1e-2 trained KD
-    worse), with a warm-up + cosine schedule: their test top-1 has about stopped rising by then. 5 labels per class:
-    the few-label setting the distillation methods are for.
+    The teacher (4 blocks, width 96) costs 5x the student's forward FLOPs (3 blocks, width 48), so reading its
+    targets from the cache saves real compute. Both average-pool their tokens into the head: a CLS token learns
+    slower, and a pooling teacher's prediction lives in its patch tokens, which are what the feature methods (ViTKD)
+    distil; with a CLS-token teacher they are not what its head reads. The teacher trains 70 epochs (35 left it at
+    85 % test top-1). Students train 40 epochs at batch 32, lr 1e-3 (3e-3 and 1e-2 trained KD worse), with a
+    warm-up + cosine schedule: their test top-1 has about stopped rising by then. 5 labels per class: the few-label
+    setting the distillation methods are for; every batch of a distilled run carries 8 of the 50 labelled digits
+    next to its 32 items (``--labelled-batch``, FixMatch's batch), or each label would reach the label loss about
+    once per epoch.
     """
 
     out: str = "featcache_demo"
@@ -30,6 +34,7 @@ class DemoConfig:
     teacher_epochs: int = 70
     teacher_lr: float = 3e-3
     teacher_batch_size: int = 128  # fewer, larger steps: ~2x the images/s of batch 64 on 2 CPU cores
+    teacher_pool: str = "avg"
     student_width: int = 48
     student_depth: int = 3
     student_pool: str = "avg"  # timm global_pool: the tokens' mean feeds the head (a CLS token learns slower)
@@ -37,6 +42,7 @@ class DemoConfig:
     views: int = 8
     scale: tuple[float, float] = (0.35, 1.0)  # crops keep most of a digit (the 0.08 ImageNet default loses it)
     label_shots: int = 5
+    labelled_batch: int = 8  # labelled items added to every batch of the distilled runs (--labelled-batch)
     epochs: int = 40
     batch_size: int = 32
     lr: float = 1e-3
@@ -62,7 +68,7 @@ class DemoConfig:
 
     def teacher_kwargs(self) -> dict[str, Any]:
         return {"patch_size": self.patch_size, "embed_dim": self.teacher_width, "depth": self.teacher_depth,
-                "num_heads": self.heads}
+                "num_heads": self.heads, "global_pool": self.teacher_pool}
 
     def student_kwargs(self) -> dict[str, Any]:
         return {"patch_size": self.patch_size, "embed_dim": self.student_width, "depth": self.student_depth,

@@ -57,9 +57,10 @@ def run_demo(cfg: DemoConfig | None = None, jobs: int | None = None, log: Log = 
     timing = watch.stage("4/5 timing", lambda: timed_trainings(cfg, out, log))
     flops = model_flops(cfg)
     results = watch.stage("5/5 report", lambda: collect(Path(spec.out), list(sweep["runs"]), data / "test"))
+    labelled = f" + {cfg.labelled_batch} labelled (distilled runs)" if cfg.labelled_batch else ""
     setting = (f"students: {cfg.label_shots} labels per class + the teacher's targets for {cfg.views} cached views "
-               f"of all {info['train']} train images; {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} "
-               f"(warm-up {cfg.warmup_epochs:g} epochs + cosine), seeds {cfg.student_seeds}")
+               f"of all {info['train']} train images; {cfg.epochs} epochs, batch {cfg.batch_size}{labelled}, "
+               f"lr {cfg.lr:g} (warm-up {cfg.warmup_epochs:g} epochs + cosine), seeds {cfg.student_seeds}")
     return {**report(out, cfg, results, teacher["test_top1"], timing, flops, setting, watch, log),
             "failed": {k: v for k, v in sweep["runs"].items() if v.startswith("failed")},
             "teacher_top1": teacher["test_top1"]}

@@ -135,8 +135,9 @@ def _teacher_gap(results: dict[str, Seeded], teacher_top1: float) -> list[str]:
     if not scratch:
         return []
     best = max(scratch, key=lambda r: r.mean)
-    return [f"  best student trained from scratch: {best.run} {best.cell()} %, {teacher_top1 - best.mean:.1f} points "
-            f"below the teacher's {teacher_top1:.1f} %"]
+    gap = teacher_top1 - best.mean
+    side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
+    return [f"  best student trained from scratch: {best.run} {best.cell()} %, {side} the teacher's {teacher_top1:.1f} %"]
 
 
 def _online_lines(results: dict[str, Seeded]) -> list[str]:

@@ -44,13 +44,15 @@ def demo_runs(cfg: DemoConfig) -> list[dict[str, Any]]:
     """
     kd = {"temperature": 2.0}
     vitkd = vitkd_args(cfg)
-    online = [{"name": FRESH_ONLINE, "method": "kd", "method_args": kd, "online_teacher": True, "fresh_views": True}]
+    labels = {"labelled_batch": cfg.labelled_batch} if cfg.labelled_batch else {}  # the runs that learn from labels
+    online = [{"name": FRESH_ONLINE, "method": "kd", "method_args": kd, "online_teacher": True, "fresh_views": True,
+               **labels}]
     if cfg.online_kd:
-        online.append({"name": ONLINE, "method": "kd", "method_args": kd, "online_teacher": True})
-    cached = [{"name": "kd", "method": "kd", "method_args": kd},
-              {"name": "nkd", "method": "nkd"},
-              {"name": "vitkd", "method": "vitkd", "method_args": vitkd},
-              {"name": "vitkd+nkd", "method": "vitkd+nkd", "method_args": {"vitkd": vitkd}},
+        online.append({"name": ONLINE, "method": "kd", "method_args": kd, "online_teacher": True, **labels})
+    cached = [{"name": "kd", "method": "kd", "method_args": kd, **labels},
+              {"name": "nkd", "method": "nkd", **labels},
+              {"name": "vitkd", "method": "vitkd", "method_args": vitkd, **labels},
+              {"name": "vitkd+nkd", "method": "vitkd+nkd", "method_args": {"vitkd": vitkd}, **labels},
               # Label-free: the teacher's every-2nd block + LoRA, regressing the cached last block.
               {"name": "wecolora", "method": "wecolora", "method_args": {"k": 2, "r": 8}}]
     return online + cached + ce_runs(cfg)

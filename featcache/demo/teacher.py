@@ -116,7 +116,7 @@ def _teacher_epoch(model: torch.nn.Module, optim: tuple[Any, Any], views: torch.
 def teacher_settings(cfg: DemoConfig) -> dict[str, Any]:
     """The settings a saved teacher was trained with (a teacher is reused only when they all match)."""
     keys = ("img_size", "patch_size", "test_fraction", "heldout_fraction", "seed", "teacher_width", "teacher_depth",
-            "heads", "teacher_epochs", "teacher_lr", "teacher_batch_size", "scale", "max_train")
+            "heads", "teacher_epochs", "teacher_lr", "teacher_batch_size", "teacher_pool", "scale", "max_train")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k in keys}
 
 

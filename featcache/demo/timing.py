@@ -63,7 +63,7 @@ def kd_config(cfg: DemoConfig, out: Path, run_dir: Path, online: bool) -> Any:
 
     values = {**base_fields(cfg, out), "cache": str(out / "cache"), "out": str(run_dir), "method": "kd",
               "method_args": {"temperature": 2.0}, "val": None, "max_steps": cfg.timing_steps,
-              "online_teacher": online, "quiet": True}
+              "online_teacher": online, "quiet": True, "labelled_batch": cfg.labelled_batch}
     return from_dict(TrainConfig, values)
 
 

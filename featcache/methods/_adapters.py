@@ -108,9 +108,11 @@ class FrozenLayerNorm(nn.Module):
         return f"{self.weight.numel()}, eps={self.eps}, frozen"
 
 
-def frozen_teacher_norm(ctx) -> FrozenLayerNorm:
-    """The teacher's final norm from the manifest (``ctx.teacher_final_norm()``) as a :class:`FrozenLayerNorm`."""
+def frozen_teacher_norm(ctx) -> FrozenLayerNorm | nn.Identity:
+    """The teacher's final norm from the manifest (``ctx.teacher_final_norm()``) as a :class:`FrozenLayerNorm`;
+    ``nn.Identity`` for a teacher whose tokens have no final norm (an average-pooling ViT)."""
     if not ctx.teacher.get("final_norm"):
         raise CompatError(f"the cache's teacher {ctx.teacher.get('name')!r} has no final LayerNorm in its manifest, "
                           "so post-norm targets cannot be rebuilt; use a method setting without the teacher norm")
-    return FrozenLayerNorm.from_module(ctx.teacher_final_norm())
+    norm = ctx.teacher_final_norm()
+    return norm if isinstance(norm, nn.Identity) else FrozenLayerNorm.from_module(norm)

@@ -105,6 +105,8 @@ class MethodContext:
     def teacher_final_norm(self) -> nn.Module:
         """The teacher's final norm rebuilt (frozen) from the parameters stored in the manifest."""
         spec = self.teacher["final_norm"]
+        if spec["type"] == "Identity":  # an average-pooling ViT: its tokens are not normalised before the pool
+            return nn.Identity()
         if spec["type"] != "LayerNorm":
             raise CompatError(f"teacher final norm {spec['type']!r} is not supported; only LayerNorm is (use a method "
                               "setting that does not read the teacher's final norm)")

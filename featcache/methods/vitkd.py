@@ -12,6 +12,8 @@ Where the paper and the official code differ we follow the code:
     * The mask keeps exactly ``int(N * (1 - lam))`` tokens per sample (MAE's argsort of ``torch.rand(B, N)``),
       not an independent ``r_i < lam`` draw per token (Eqs. 5-6).
     * The deep features are taken after each model's final LayerNorm; the shallow ones are raw block outputs.
+      featcache extension: an average-pooling ViT (timm's ``global_pool="avg"``) has no per-token final norm (its
+      ``fc_norm`` normalises the pooled vector), so on either side its deep feature is the last block's tokens.
     * Prefix tokens (CLS, dist) are dropped on both sides.
 The logged parts ``mimic`` = L_lr and ``generation`` = L_gen are the terms without alpha and beta (the 1/lam
 normalisation belongs to L_gen: it cancels the fraction of tokens that are scored).

@@ -58,9 +58,15 @@ def test_apply_mask_matches_masked_where():
     assert torch.equal(got, torch.where(masking.mask.bool()[..., None], token.expand_as(x), x))
 
 
-def test_method_terms_by_hand(normed_manifest):
-    """Zeroed adapters/convs with set biases make both terms hand-computable; the mask is reproduced by seed."""
+@pytest.mark.parametrize("teacher_norm", ["LayerNorm", "Identity"])
+def test_method_terms_by_hand(normed_manifest, teacher_norm):
+    """Zeroed adapters/convs with set biases make both terms hand-computable; the mask is reproduced by seed.
+    An average-pooling teacher (final norm ``Identity``) has its last block's raw tokens as the deep target."""
     student = make_student()
+    fn = normed_manifest["teacher"]["final_norm"]
+    if teacher_norm == "Identity":
+        normed_manifest = Manifest({**normed_manifest, "teacher": {**normed_manifest["teacher"],
+                                                                   "final_norm": {"type": "Identity"}}})
     method = METHODS.get("vitkd")(MethodContext(normed_manifest, student, IMG), lam=0.25)
     c, v = 0.3, np.linspace(-1, 1, DT).astype(np.float32)
     with torch.no_grad():
@@ -76,9 +82,9 @@ def test_method_terms_by_hand(normed_manifest):
     # Mimicking: blocks 0 and 1, CLS dropped on both sides, prediction = c everywhere.
     mimic = sum(((targets[f"block_{k}"][:, 1:] - c) ** 2).sum() for k in (0, 1)) / B
     # Generation: G = v at every token; target = teacher final norm (manifest params) of block_3 patch tokens.
-    fn = normed_manifest["teacher"]["final_norm"]
-    th = layer_norm(targets["block_3"][:, 1:].astype(np.float64), np.array(fn["weight"]), np.array(fn["bias"]),
-                    fn["eps"])
+    th = targets["block_3"][:, 1:].astype(np.float64)
+    if teacher_norm == "LayerNorm":
+        th = layer_norm(th, np.array(fn["weight"]), np.array(fn["bias"]), fn["eps"])
     torch.manual_seed(11)
     ids_shuffle = torch.argsort(torch.rand(B, N), dim=1).numpy()
     len_keep = int(N * (1 - 0.25))
