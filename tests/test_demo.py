@@ -58,6 +58,7 @@ def test_verdict_is_computed_from_the_numbers():
     assert verdict({"kd": results["kd"]}, 93.0) == ["no verdict: the ce baseline has no result"]
     above = verdict(results, teacher_top1=86.0)
     assert "kd-fresh-online 87.0 (85.0-89.0) %, 1.0 points above the teacher's 86.0 %" in above[-3]
+    assert "87.0 (85.0-89.0) %, level with the teacher's 87.0 %" in verdict(results, teacher_top1=87.01)[-3]
 
 
 def test_the_baseline_lr_is_chosen_on_heldout_and_scored_on_test(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 import yaml
@@ -27,10 +28,11 @@ RECORDING_CLI = textwrap.dedent("""
     from featcache import engine
     from featcache.cli import main
 
-    seen, real_step, where = [], engine.train_step, sys.argv.pop(-1)
+    seen, batches, real_step, where = [], [], engine.train_step, sys.argv.pop(-1)
 
     def recording_step(run, batch, meter):
         seen.extend(int(s) for s in batch["sample"])
+        batches.append([batch["sample"].tolist(), batch["label"].tolist()])
         return real_step(run, batch, meter)
 
     engine.train_step = recording_step
@@ -39,6 +41,8 @@ RECORDING_CLI = textwrap.dedent("""
     finally:
         with open(os.path.join(where, f"samples_{os.environ['RANK']}.json"), "w") as fh:
             json.dump(seen, fh)
+        with open(os.path.join(where, f"batches_{os.environ['RANK']}.json"), "w") as fh:
+            json.dump(batches, fh)
 """)
 
 
@@ -84,3 +88,30 @@ def test_accelerate_launch_runs_two_cpu_processes_with_its_mixed_precision(tmp_p
     assert [r["kind"] for r in records].count("eval") == 1
     assert rundir.read_final(out)["steps"] == 3
     assert len(list((out / rundir.TENSORBOARD_DIR).rglob("hparams.yml"))) == 1
+
+
+@pytest.mark.slow
+def test_labelled_batches_are_shared_out_whole_over_two_processes(tmp_path):
+    """`--labelled-batch`: Accelerate shards the batch sampler by whole batches, each with its labelled item."""
+    data, cache = make_cache(tmp_path)  # 6 samples x 2 views, 3 classes
+    script = tmp_path / "recording_cli.py"
+    script.write_text(RECORDING_CLI)
+    out = tmp_path / "run"
+    args = ["train", "--cache", cache, "--out", str(out), "--method", "kd", "--student", STUDENT["student"],
+            "--student-kwargs", json.dumps(STUDENT["student_kwargs"]), "--img-size", "32", "--epochs", "1",
+            "--batch-size", "1", "--label-shots", "1", "--labelled-batch", "1", "--workers", "0", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), *args, str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    batches = [json.loads((tmp_path / f"batches_{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(b) for b in batches] == [3, 3], "6 batches of 1 + 1 item, 3 per process"
+    epoch_items = [samples[0] for rank in batches for samples, _ in rank]
+    assert sorted(epoch_items) == list(range(6)), "the epoch's items are shared out, each once"
+    labelled = [(samples[1], labels[1]) for rank in batches for samples, labels in rank]
+    assert all(label >= 0 for _, label in labelled), "the second item of every batch is labelled"
+    counts = Counter(s for s, _ in labelled)
+    assert len(counts) == 3 and set(counts.values()) == {2}, "2 passes over the 3 labelled samples (1 per class)"
+    assert rundir.read_final(out)["steps"] == 3

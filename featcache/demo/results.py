@@ -135,8 +135,8 @@ def _teacher_gap(results: dict[str, Seeded], teacher_top1: float) -> list[str]:
     if not scratch:
         return []
     best = max(scratch, key=lambda r: r.mean)
-    gap = teacher_top1 - best.mean
-    side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
+    gap = round(teacher_top1 - best.mean, 1)
+    side = "level with" if gap == 0 else f"{gap:.1f} points below" if gap > 0 else f"{-gap:.1f} points above"
     return [f"  best student trained from scratch: {best.run} {best.cell()} %, {side} the teacher's {teacher_top1:.1f} %"]
 
 
