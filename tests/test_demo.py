@@ -88,6 +88,9 @@ def test_every_run_has_the_same_steps_and_only_the_baseline_grid_sees_heldout(tm
     assert len(ce) == 6 and all(c.labelled_only and c.val.endswith("heldout") for c in ce.values())
     assert all(not c.labelled_only and c.val.endswith("test") for n, c in plans.items() if n not in ce)
     assert "kd-online,seed=0" in plans and "kd-online,seed=1" not in plans and "kd-fresh-online,seed=1" in plans
+    # every run that learns from labels gets the labelled batch, but the baseline (all labelled) and WeCoLoRA
+    assert {n for n, c in plans.items() if c.labelled_batch == cfg.labelled_batch > 0} == \
+        {n for n in plans if n not in ce and not n.startswith("wecolora")}
 
 
 def test_seeded_runs_repeat_every_method():
