@@ -172,8 +172,11 @@ class TrainConfig:
     opt_kwargs: dict[str, Any] = setting({}, 'Extra create_optimizer_v2 kwargs as JSON, e.g. \'{"momentum": 0.9, '
                                              '"eps": 1e-6}\'.')
     lr: float = setting(1e-3, "Peak learning rate.")
-    # lr is scaled by batch_size * grad_accum * processes / lr_base_batch (the linear scaling rule)
-    lr_base_batch: int | None = setting(None, "Scale --lr by effective batch / this [no scaling].")
+    # lr is scaled by batch_size * grad_accum * processes / lr_base_batch (the linear scaling rule). The labelled
+    # items of --labelled-batch are left out: the label loss is a mean over them, and the schedule counts epochs of
+    # --batch-size.
+    lr_base_batch: int | None = setting(None, "Scale --lr by effective batch (--batch-size x --grad-accum x "
+                                              "processes; --labelled-batch items not counted) / this [no scaling].")
     sched: str = setting("cosine", "Learning-rate schedule of timm.scheduler.create_scheduler_v2, stepped per "
                                    "optimizer step.", choices="featcache.build:SCHEDULES")
     sched_kwargs: dict[str, Any] = setting({}, 'Extra create_scheduler_v2 kwargs as JSON, epoch counts in epochs, '
