@@ -242,7 +242,7 @@ def demo(out: str | None, seeds: int, quick: bool, jobs: int | None) -> None:
     training image once, trains students 5x cheaper than the teacher from that one cache with 5 labels per class
     (a labelled-only CE baseline with as many steps, KD, NKD, ViTKD, ViTKD+NKD, WeCoLoRA, and KD with the teacher
     online on fresh views every epoch), times KD from the cache against KD with the teacher online, and prints the
-    report with a verdict computed from the measured numbers. About 5 minutes on 2 idle CPU cores (510
+    report with a verdict computed from the measured numbers. About 5 minutes on 2 idle CPU cores (520
     CPU-seconds; BENCHMARKS.md). Re-running reuses the teacher, the cache, finished runs and the timing.
     """
     import os

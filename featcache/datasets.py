@@ -125,8 +125,9 @@ class CachedViewDataset(Dataset):
             samples in the cache (the same optimizer steps as a run over all of them); pass ``p`` of epoch ``e``
             over them uses the views of epoch ``e * passes + p``, so every pass takes the next view.
         labelled_items: items per epoch of a labelled stream after the epoch's items (``--labelled-batch``, served
-            by :class:`~featcache.samplers.LabelledBatchSampler`): item ``epoch_items + r`` is pass ``r // L`` over
-            the ``L`` labelled samples, with the views ``--labelled-only`` gives that pass.
+            by :class:`~featcache.samplers.LabelledBatchSampler`): item ``epoch_items + r`` is pass ``p = r // L``
+            over the ``L`` labelled samples, with the views of view epoch ``epoch * P + p`` (``P``: the stream's
+            passes per epoch), the rule ``labelled_only`` applies to its own passes.
         keep_decoded: keep every decoded source image in memory after its first load (in each loader process), so
             later epochs only replay views; for image sets small enough to hold decoded.
         decode: ``workers``: items carry decoded float32 ``targets``; ``device``: items carry the ``stored`` arrays

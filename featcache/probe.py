@@ -46,6 +46,8 @@ def student_spec(cfg: ProbeConfig) -> dict[str, Any]:
                           "(and --model-kwargs / --img-size if it is not the default shape)")
     kwargs = dict(cfg.model_kwargs)  # load_model takes these two by name: lift them out of the timm kwargs
     num_classes, img_size = kwargs.pop("num_classes", None), kwargs.pop("img_size", None)
+    if img_size is not None and cfg.img_size and int(img_size) != cfg.img_size:
+        raise ConfigError(f"--img-size {cfg.img_size} and --model-kwargs img_size {img_size} differ; give one")
     return {"model": cfg.model, "img_size": cfg.img_size or img_size, "num_classes": num_classes,
             "model_kwargs": kwargs}
 

@@ -86,6 +86,9 @@ def test_checkpoint_probe_equals_run_dir_probe_and_random_init_differs(data, tmp
     in_kwargs = run_probe(ProbeConfig(student=str(ckpt), model="vit_tiny_patch16_224",
                                       model_kwargs=dict(KWARGS, num_classes=3, img_size=32), **common), progress=False)
     assert in_kwargs["top1"] == from_ckpt["top1"] and in_kwargs["feature_dim"] == from_ckpt["feature_dim"]
+    with pytest.raises(ValueError, match="--img-size 32 and --model-kwargs img_size 64 differ"):
+        run_probe(ProbeConfig(student=str(ckpt), model="vit_tiny_patch16_224", img_size=32,
+                              model_kwargs=dict(KWARGS, img_size=64), **common), progress=False)
     rand = run_probe(ProbeConfig(student=str(data["run"]), random_init=True, **common), progress=False)
     assert rand["random_init"] and (data["run"] / "probe_random_init.json").is_file()
 

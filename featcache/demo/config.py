@@ -9,7 +9,7 @@ MODEL = "vit_tiny_patch16_224"  # a timm ViT family; the kwargs below shrink it 
 
 @dataclass
 class DemoConfig:
-    """Sizes and schedules of the demo (defaults: about 510 CPU-seconds; docs/SWEEPS.md says why each).
+    """Sizes and schedules of the demo (defaults: about 520 CPU-seconds; docs/SWEEPS.md says why each).
 
     The teacher (4 blocks, width 96) costs 5x the student's forward FLOPs (3 blocks, width 48), so reading its
     targets from the cache saves real compute. Both average-pool their tokens into the head: a CLS token learns

@@ -204,8 +204,9 @@ class ScaleKD(Method):
         """Keep only the teacher's last block + final norm (frozen, eval mode); drop the rest of the teacher."""
         model = teacher_from_manifest(ctx.manifest).model
         if not isinstance(getattr(model, "blocks", None), nn.Sequential) or not isinstance(model.norm, nn.LayerNorm):
-            raise CompatError(f"tpp=True needs a ViT teacher (blocks + final LayerNorm); "
-                              f"{type(model).__name__} has none -- run scalekd with tpp=False")
+            raise CompatError(f"tpp=True needs a ViT teacher with blocks and a per-token final LayerNorm; "
+                              f"{type(model).__name__} has none (an average-pooling ViT normalises only the pooled "
+                              "vector) -- run scalekd with tpp=False")
         self.tpp_block, self.tpp_norm = model.blocks[-1].eval(), model.norm.eval()
         self.tpp_block.requires_grad_(False)
         self.tpp_norm.requires_grad_(False)
