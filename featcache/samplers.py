@@ -16,6 +16,11 @@ from torch.utils.data import Sampler
 _LABELLED_STREAM = 0x1AB
 
 
+def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of an epoch's items: a function of ``(seed, epoch)`` only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_items)
+
+
 class EpochSampler(Sampler[int]):
     """A shuffled order of ``num_items`` items that depends on ``(seed, epoch)`` only."""
 
@@ -31,7 +36,7 @@ class EpochSampler(Sampler[int]):
         return self.num_items
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items).tolist())
+        return iter(epoch_order(self.num_items, self.seed, self.epoch).tolist())
 
 
 class LabelledBatchSampler(Sampler[list[int]]):
@@ -58,13 +63,13 @@ class LabelledBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size + per_batch  # what Accelerate's BatchSamplerShard reads as a full batch
         self.drop_last = False
         self.epoch = 0
-        self._unlabelled = batch_size
+        self._epoch_batch = batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return -(-self.num_items // self._unlabelled)
+        return -(-self.num_items // self._epoch_batch)
 
     @staticmethod
     def labelled_items(num_items: int, batch_size: int, per_batch: int) -> int:
@@ -80,8 +85,8 @@ class LabelledBatchSampler(Sampler[list[int]]):
         return self.num_items + order[:count]
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        order = epoch_order(self.num_items, self.seed, self.epoch)  # EpochSampler's order, batch by batch
         labelled = self.labelled_order()
-        b, m = self._unlabelled, self.per_batch
+        b, m = self._epoch_batch, self.per_batch
         for j in range(len(self)):
             yield order[j * b:(j + 1) * b].tolist() + labelled[j * m:(j + 1) * m].tolist()
