@@ -246,12 +246,7 @@ def _labelled_batches(cfg: TrainConfig, dataset: Any) -> tuple[Any, Any, DataLoa
     from .samplers import LabelledBatchSampler
 
     items = dataset.epoch_items
-    if not len(dataset.labelled_positions):
-        raise ConfigError(f"--labelled-batch {cfg.labelled_batch}: no sample of the cache is labelled; pass "
-                          "--label-shots >= 1")
-    dataset.labelled_items = LabelledBatchSampler.labelled_items(items, cfg.batch_size, cfg.labelled_batch)
-    dataset.set_epoch(dataset.epoch)  # its length grew: redraw the fingerprint sample over every item (the engine
-    # redraws it each epoch too; this keeps the dataset right for any other caller)
+    dataset.add_labelled_stream(LabelledBatchSampler.labelled_items(items, cfg.batch_size, cfg.labelled_batch))
     sampler = LabelledBatchSampler(items, cfg.batch_size, cfg.labelled_batch, len(dataset.labelled_positions),
                                    seed=cfg.seed)
     kwargs = {k: v for k, v in _loader_kwargs(cfg).items() if k != "batch_size"}  # the batch sampler sizes batches

@@ -157,13 +157,22 @@ class CachedViewDataset(Dataset):
         self.views = reader.manifest.views_per_sample
         self.used_views = min(self.views, max_views or self.views)
         self.label_shots, self.labelled_only = label_shots, labelled_only
-        if labelled_items and labelled_only:
-            raise ValueError("labelled_only already serves only labelled items; a labelled stream adds nothing")
-        self.labelled_items = int(labelled_items)
+        self.labelled_items = 0
         self.decoded: dict[int, torch.Tensor] | None = {} if keep_decoded else None
         self.drift = environment_drift(reader.manifest.get("versions", {}))
         self._index()
         self.set_epoch(0)
+        if labelled_items:
+            self.add_labelled_stream(labelled_items)
+
+    def add_labelled_stream(self, items: int) -> None:
+        """Serve ``items`` labelled-stream items per epoch after the epoch's own (see ``labelled_items``)."""
+        if self.labelled_only:
+            raise ValueError("labelled_only already serves only labelled items; a labelled stream adds nothing")
+        if not len(self.labelled_positions):
+            raise ConfigError("--labelled-batch: no sample of the cache is labelled; pass --label-shots >= 1")
+        self.labelled_items = int(items)
+        self.set_epoch(self.epoch)  # the epoch grew: its fingerprint sample is drawn over every item again
 
     # Per-sample bookkeeping: numpy arrays over the cache's records, rebuilt (cheaply, from the mapped records) in
     # each process instead of pickled: a DataLoader worker receives the reader and the source by reference only.
@@ -191,8 +200,6 @@ class CachedViewDataset(Dataset):
             samples, labels = _labelled(samples, labels)
         self._valid, self.samples, self.labels = valid, samples, labels
         self.labelled_positions = np.flatnonzero(labels >= 0)  # the labelled stream's samples, as positions
-        if self.labelled_items and not len(self.labelled_positions):
-            raise ConfigError("--labelled-batch: no sample of the cache is labelled; pass --label-shots >= 1")
         self.sample_labels = np.full(len(self.source), -1, dtype=np.int64)  # by sample position: a partner's label
         self.sample_labels[self.samples] = self.labels
 

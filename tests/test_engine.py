@@ -110,7 +110,7 @@ def test_labelled_batch_puts_its_labelled_items_in_every_step(cache, tmp_path, m
                                           "wecolora trains without labels"):
         engine.train(config(cache, tmp_path / "wecolora", method="wecolora", student="teacher", label_shots=1,
                             labelled_batch=2))
-    with pytest.raises(ConfigError, match="--labelled-batch 2: no sample of the cache is labelled; pass --label-shots"):
+    with pytest.raises(ConfigError, match="--labelled-batch: no sample of the cache is labelled; pass --label-shots"):
         engine.train(config(cache, tmp_path / "none", method="kd", label_shots=0, labelled_batch=2))
 
 
